@@ -1,0 +1,4 @@
+//! breakwater: a resilience proxy.
+#![forbid(unsafe_code)]
+
+pub mod config;
