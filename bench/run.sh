@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# bench/run.sh - build breakwater in release mode and run the shared peer benchmark
+# (nginx, haproxy, breakwater in front of the same nginx upstream) against it.
+#
+#   bench/run.sh                        # "bare" config -> bench/results-bare.md (+ .tsv)
+#   BENCH_CONFIG=layers bench/run.sh    # every resilience layer on -> bench/results-layers.md
+#   PIN=1 bench/run.sh                  # pinned variant -> bench/results-bare-pinned.md
+#   SKIP_BUILD=1 bench/run.sh           # reuse target/release/breakwater as it is
+#   PEERS=/path/to/peers.sh bench/run.sh
+#
+# Every other peers.sh knob (DURATION, REPEATS, CONNS, H2, QUIET_MAX, KEEP, ...) passes
+# through the environment. See bench/README.md.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+PEERS=${PEERS:-"$(dirname "$0")/../../shared/bench/peers.sh"}
+BENCH_CONFIG=${BENCH_CONFIG:-bare}
+CONFIG=$REPO/bench/breakwater-$BENCH_CONFIG.yaml
+BIN=$REPO/target/release/breakwater
+
+say() { printf '[bench/run.sh] %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+[[ -f $PEERS ]] || die "peers.sh not found at $PEERS (set PEERS=/path/to/peers.sh)"
+[[ -f $CONFIG ]] || die "no config $CONFIG (BENCH_CONFIG is bare or layers)"
+
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+  say "building: cargo build --release (in $REPO)"
+  (cd "$REPO" && cargo build --release)
+fi
+[[ -x $BIN ]] || die "$BIN not found; build it first (cargo build --release)"
+
+say "checking the config: $BIN validate -c $CONFIG"
+"$BIN" validate -c "$CONFIG" || die "$CONFIG does not validate"
+
+# peers.sh checks :18092 itself; the h2c and admin ports would only show up as a failed start.
+for port in 18093 19901; do
+  if [[ -n $(ss -Hltn "sport = :$port" 2>/dev/null) ]]; then
+    die "port $port is already in use (another breakwater?); stop it first"
+  fi
+done
+
+if [[ ${PIN:-0} == 1 ]]; then
+  OUT=${OUT:-$HERE/results-$BENCH_CONFIG-pinned.md}
+else
+  OUT=${OUT:-$HERE/results-$BENCH_CONFIG.md}
+fi
+
+# One tokio worker thread, to match the peers' single worker. Logs at warn: access logs are
+# off in the config, and nothing on the hot path should log.
+printf -v PROXY_CMD 'exec %q --workers 1 run -c %q' "$BIN" "$CONFIG"
+export PROXY_CMD PROXY_NAME=breakwater PROXY_H2_PORT=18093 OUT
+export RUST_LOG=${RUST_LOG:-warn}
+
+say "PROXY_CMD=$PROXY_CMD"
+say "running $PEERS; results go to $OUT"
+exec bash "$PEERS"

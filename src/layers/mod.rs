@@ -1,0 +1,10 @@
+//! The resilience layers, one module each, each a tower `Layer` + `Service` over
+//! `Request<Body>` / `Response<Body>` / `BoxError`. Per route, outermost first:
+//! metrics -> fallback -> rate_limit -> concurrency_limit -> timeout -> retry ->
+//! circuit_breaker -> attempt (per-try timeout) -> upstream. Each rejects in `call`
+//! (never parks in `poll_ready`), so a refused request is answered at once.
+
+pub mod circuit_breaker;
+pub mod classify;
+pub mod concurrency_limit;
+pub mod rate_limit;

@@ -1,0 +1,5 @@
+//! What operators see: Prometheus metrics and logs.
+
+pub mod metrics;
+
+pub use metrics::{Metrics, SharedMetrics};
