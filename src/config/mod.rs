@@ -114,7 +114,8 @@ fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         Config::deserialize(de)
     });
     result.map_err(|e| {
-        let path = track.path().to_string();
+        // `Spanned` wrappers show up as a `.value` segment; users never wrote it.
+        let path = track.path().to_string().replace(".value", "");
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))

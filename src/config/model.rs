@@ -770,6 +770,7 @@ pub enum FallbackReason {
     /// The upstream could not be reached or broke the connection.
     UpstreamUnavailable,
     /// The upstream answered 5xx (after retries).
+    #[serde(rename = "upstream_5xx")]
     Upstream5xx,
 }
 

@@ -132,8 +132,12 @@ pub fn validate(
         }
     }
 
-    for (name, policy) in &config.policies {
+    for (name, policy) in config.policies.iter_mut() {
         let path = format!("policies.{name}");
+        let at = loc(policy);
+        if let Some(Toggle::On(fb)) = &mut policy.value.fallback {
+            load_fallback(&mut errs, &format!("{path}.fallback"), at, fb, base);
+        }
         check_blocks(
             &mut errs,
             &path,
@@ -313,14 +317,20 @@ pub fn validate(
                     None => Some(Dur(DEFAULT_TIMEOUT)),
                 }
             };
-            let mut fallback = resolve(&r.fallback, policy.map(|p| &p.fallback));
-            if r.fallback.is_none() {
-                if let Some(fb) = &mut fallback {
-                    let ppath = format!(
-                        "policies.{}.fallback",
-                        r.policy.as_ref().map(|p| p.value.as_str()).unwrap_or("")
-                    );
-                    load_fallback(&mut errs, &ppath, at, fb, base);
+            let fallback = resolve(&r.fallback, policy.map(|p| &p.fallback));
+            if r.matcher.grpc_service.is_some() {
+                if let Some(up) = config.upstreams.get(&r.upstream.value) {
+                    if up.protocol != Protocol::Http2 {
+                        errs.push(
+                            at,
+                            format!("{rpath}.match.grpc_service"),
+                            format!(
+                                "gRPC route forwards to upstream {:?}, which speaks http1",
+                                r.upstream.value
+                            ),
+                            Some("set `protocol: http2` on the upstream; gRPC needs HTTP/2"),
+                        );
+                    }
                 }
             }
             routes.push(EffectiveRoute {
@@ -432,12 +442,15 @@ fn check_match(errs: &mut Errs<'_>, rpath: &str, at: (u64, u64), m: &MatchConfig
     }
     if let Some(methods) = &m.methods {
         for (i, meth) in methods.iter().enumerate() {
-            if http::Method::from_bytes(meth.as_bytes()).is_err() || meth.is_empty() {
+            if http::Method::from_bytes(meth.as_bytes()).is_err()
+                || meth.is_empty()
+                || meth.bytes().any(|b| b.is_ascii_lowercase())
+            {
                 errs.push(
                     at,
                     format!("{mpath}.methods[{i}]"),
-                    format!("{meth:?} is not an HTTP method"),
-                    Some("use names like GET, POST, PUT"),
+                    format!("{meth:?} is not an HTTP method (methods are case-sensitive)"),
+                    Some("use upper-case names like GET, POST, PUT"),
                 );
             }
         }

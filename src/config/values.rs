@@ -283,6 +283,13 @@ impl<'de> Deserialize<'de> for Percent {
                 check_percent(v as f64).map_err(E::custom)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Percent, E> {
+                if v < 1.0 {
+                    // 0.5 is far more likely meant as 50% than as half a percent.
+                    return Err(E::custom(format!(
+                        "ambiguous percentage {v}; write it with a % sign, like {}% or {v}%",
+                        v * 100.0
+                    )));
+                }
                 check_percent(v).map_err(E::custom)
             }
         }

@@ -8,3 +8,6 @@ pub mod circuit_breaker;
 pub mod classify;
 pub mod concurrency_limit;
 pub mod rate_limit;
+pub mod attempt;
+pub mod timeout;
+pub mod retry;
