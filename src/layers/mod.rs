@@ -11,3 +11,5 @@ pub mod rate_limit;
 pub mod attempt;
 pub mod timeout;
 pub mod retry;
+pub mod fallback;
+pub mod metrics;

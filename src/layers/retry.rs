@@ -222,7 +222,11 @@ where
         let result = match svc.ready().await {
             Ok(s) => s.call(req).await,
             Err(e) => Err(e),
-        };
+        }
+        .map(|mut res| {
+            res.extensions_mut().insert(Attempt(n));
+            res
+        });
         if n >= policy.cfg.attempts {
             return result;
         }

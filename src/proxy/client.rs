@@ -1,0 +1,384 @@
+//! The upstream client: one pooled hyper-util client per upstream (HTTP/1.1 keep-alive,
+//! or HTTP/2 prior knowledge), round-robin over its endpoints. It rewrites each request
+//! for forwarding (hop-by-hop headers out, `X-Forwarded-*` in, `Host` kept) and says in
+//! its errors whether anything was sent: a connect failure sent nothing, so any method
+//! may be retried.
+//!
+//! For gRPC routes that classify by gRPC status, a response whose headers carry no
+//! `grpc-status` has its first body frame read before the response is handed up: if
+//! that frame is the trailers (an error sent as headers-then-trailers), the status is
+//! known before anything is forwarded, so retry and the breaker can act on it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use http::{Request, Response, Version};
+use http_body::Body as _;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture as ClientFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use crate::config::{Protocol, UpstreamConfig};
+use crate::error::{BoxError, UpstreamError, UpstreamErrorKind};
+use crate::http::{grpc, Body, ClientAddr};
+use crate::layers::classify::GrpcStatus;
+use crate::layers::metrics::UpstreamEndpoint;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static ATTEMPT: HeaderName = HeaderName::from_static("x-breakwater-attempt");
+
+#[derive(Debug)]
+struct Endpoint {
+    authority: Authority,
+    label: Arc<str>,
+}
+
+/// One upstream cluster: its endpoints and connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    name: String,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    http2: bool,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Upstream {
+    /// Builds the pool for a validated upstream config.
+    pub fn new(name: &str, cfg: &UpstreamConfig) -> Result<Arc<Upstream>, BoxError> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout.0));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let http2 = cfg.protocol == Protocol::Http2;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool.idle_timeout.0)
+            .pool_max_idle_per_host(cfg.pool.max_idle_per_endpoint)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(http2)
+            .http2_adaptive_window(http2)
+            .build(connector);
+        let endpoints = cfg
+            .endpoints
+            .value
+            .iter()
+            .map(|e| {
+                Ok(Endpoint {
+                    authority: e.parse::<Authority>()?,
+                    label: Arc::from(e.as_str()),
+                })
+            })
+            .collect::<Result<Vec<_>, BoxError>>()?;
+        if endpoints.is_empty() {
+            return Err(format!("upstream {name} has no endpoints").into());
+        }
+        Ok(Arc::new(Upstream {
+            name: name.to_string(),
+            endpoints,
+            next: AtomicUsize::new(0),
+            http2,
+            client,
+        }))
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn pick(&self) -> &Endpoint {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        &self.endpoints[i]
+    }
+}
+
+/// The service at the bottom of every route stack.
+#[derive(Debug, Clone)]
+pub struct UpstreamService {
+    upstream: Arc<Upstream>,
+    /// Read gRPC trailers ahead, for routes whose retry or breaker conditions name gRPC codes.
+    classify_grpc: bool,
+}
+
+impl UpstreamService {
+    /// A service sending to `upstream`.
+    pub fn new(upstream: Arc<Upstream>, classify_grpc: bool) -> Self {
+        UpstreamService {
+            upstream,
+            classify_grpc,
+        }
+    }
+}
+
+/// Headers never forwarded (RFC 9110 section 7.6.1), besides those `Connection` lists.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            if n != header::TE {
+                h.remove(n);
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::UPGRADE);
+    if let Some(te) = h.get(header::TE) {
+        let trailers_only = te
+            .to_str()
+            .map(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("trailers")))
+            .unwrap_or(false);
+        if trailers_only {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            h.remove(header::TE);
+        }
+    }
+}
+
+fn prepare(req: &mut Request<Body>, endpoint: &Endpoint, http2: bool) -> Result<(), BoxError> {
+    let client = req.extensions().get::<ClientAddr>().copied();
+    let authority = req.uri().authority().cloned();
+    let path_and_query = req.uri().path_and_query().cloned();
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+
+    let host = match headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => authority
+            .as_ref()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if let Some(host) = host {
+        if !http2 && !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, host.clone());
+        }
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    if let Some(ClientAddr(addr)) = client {
+        let ip = addr.ip().to_string();
+        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+            _ => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if !headers.contains_key(&ATTEMPT) {
+        headers.insert(ATTEMPT.clone(), HeaderValue::from_static("1"));
+    }
+
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(endpoint.authority.clone());
+    parts.path_and_query =
+        Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    *req.uri_mut() = Uri::from_parts(parts)?;
+    *req.version_mut() = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    Ok(())
+}
+
+impl Service<Request<Body>> for UpstreamService {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = UpstreamFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let endpoint = self.upstream.pick();
+        let prefetch = self.classify_grpc && grpc::is_grpc(req.headers());
+        if let Err(e) = prepare(&mut req, endpoint, self.upstream.http2) {
+            return UpstreamFuture::Failed {
+                err: Some(Box::new(UpstreamError {
+                    kind: UpstreamErrorKind::Connect,
+                    source: e,
+                })),
+            };
+        }
+        UpstreamFuture::Sending {
+            fut: self.upstream.client.request(req),
+            endpoint: endpoint.label.clone(),
+            prefetch,
+            held: None,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`UpstreamService`].
+    #[project = UpProj]
+    pub enum UpstreamFuture {
+        /// The request is on its way.
+        Sending {
+            #[pin]
+            fut: ClientFuture,
+            endpoint: Arc<str>,
+            prefetch: bool,
+            held: Option<(http::response::Parts, hyper::body::Incoming)>,
+        },
+        /// The request could not be built.
+        Failed { err: Option<BoxError> },
+    }
+}
+
+fn finish(
+    mut parts: http::response::Parts,
+    body: Body,
+    endpoint: &Arc<str>,
+    grpc_status: Option<u8>,
+) -> Response<Body> {
+    strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(UpstreamEndpoint(endpoint.clone()));
+    if let Some(code) = grpc_status {
+        parts.extensions.insert(GrpcStatus(code));
+    }
+    Response::from_parts(parts, body)
+}
+
+impl Future for UpstreamFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (mut fut, endpoint, prefetch, held) = match self.project() {
+            UpProj::Failed { err } => {
+                return Poll::Ready(Err(err.take().unwrap_or_else(|| "polled after completion".into())))
+            }
+            UpProj::Sending {
+                fut,
+                endpoint,
+                prefetch,
+                held,
+            } => (fut, endpoint, prefetch, held),
+        };
+        if held.is_none() {
+            let res = match fut.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(res)) => res,
+                Poll::Ready(Err(e)) => {
+                    let kind = if e.is_connect() {
+                        UpstreamErrorKind::Connect
+                    } else {
+                        UpstreamErrorKind::Reset
+                    };
+                    return Poll::Ready(Err(Box::new(UpstreamError {
+                        kind,
+                        source: Box::new(e),
+                    })));
+                }
+            };
+            let (parts, body) = res.into_parts();
+            if !*prefetch || grpc::status(&parts.headers).is_some() || body.is_end_stream() {
+                return Poll::Ready(Ok(finish(parts, Body::from(body), endpoint, None)));
+            }
+            *held = Some((parts, body));
+        }
+        let Some((_, body)) = held.as_mut() else {
+            return Poll::Pending;
+        };
+        let frame = match Pin::new(body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(f) => f,
+        };
+        let Some((parts, rest)) = held.take() else {
+            return Poll::Pending;
+        };
+        match frame {
+            None => Poll::Ready(Ok(finish(parts, Body::Empty, endpoint, None))),
+            Some(Err(e)) => Poll::Ready(Err(Box::new(UpstreamError {
+                kind: UpstreamErrorKind::Reset,
+                source: Box::new(e),
+            }))),
+            Some(Ok(frame)) => {
+                let status = frame.trailers_ref().and_then(grpc::status);
+                let body = Body::Prefetched {
+                    first: Some(frame),
+                    rest,
+                };
+                Poll::Ready(Ok(finish(parts, body, endpoint, status)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn forwarding_headers_and_uri() {
+        let ep = Endpoint {
+            authority: "127.0.0.1:9000".parse().unwrap(),
+            label: Arc::from("127.0.0.1:9000"),
+        };
+        let mut req = Request::builder()
+            .uri("/a?b=1")
+            .header("host", "api.example.com")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(Body::Empty)
+            .unwrap();
+        req.extensions_mut()
+            .insert(ClientAddr("192.0.2.7:5555".parse().unwrap()));
+        prepare(&mut req, &ep, false).unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:9000/a?b=1");
+        let h = req.headers();
+        assert_eq!(h["host"], "api.example.com");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-breakwater-attempt"], "1");
+
+        // an HTTP/2 request carries its host in the URI authority
+        let mut req = Request::builder()
+            .uri("http://shop.example:8080/x")
+            .version(Version::HTTP_2)
+            .body(Body::Empty)
+            .unwrap();
+        prepare(&mut req, &ep, false).unwrap();
+        assert_eq!(req.headers()["host"], "shop.example:8080");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+}
