@@ -41,8 +41,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     traffic: bool,
 ) -> Result<(), BoxError> {
-    let loaded = crate::config::from_yaml(DEMO_CONFIG, "config/demo.yaml (built in)", Path::new("."))
-        .map_err(|e| e.to_string())?;
+    let loaded =
+        crate::config::from_yaml(DEMO_CONFIG, "config/demo.yaml (built in)", Path::new("."))
+            .map_err(|e| e.to_string())?;
     let upstream_addr: SocketAddr = loaded
         .config
         .upstreams
@@ -192,8 +193,7 @@ impl Tally {
 
 /// Ten requests a second to `/api/demo` and `/raw/demo`, summarised every five seconds.
 async fn traffic_loop(proxy: &str, shared: Arc<crate::proxy::Shared>) {
-    let client: Client<_, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let api = Arc::new(Tally::default());
     let raw = Arc::new(Tally::default());
     let mut send = tokio::time::interval(Duration::from_millis(100));

@@ -48,9 +48,12 @@ impl Server {
         let routers = Routers::build(&loaded, None, &metrics)?;
         let mut listeners = Vec::new();
         for (i, l) in loaded.config.listeners.iter().enumerate() {
-            let sock = TcpListener::bind(&l.address.value)
-                .await
-                .map_err(|e| format!("cannot listen on {} (listener {}): {e}", l.address.value, l.name.value))?;
+            let sock = TcpListener::bind(&l.address.value).await.map_err(|e| {
+                format!(
+                    "cannot listen on {} (listener {}): {e}",
+                    l.address.value, l.name.value
+                )
+            })?;
             listeners.push((sock, ListenerSettings::new(i, l)));
         }
         let admin_addr = &loaded.config.admin.address.value;
@@ -197,8 +200,12 @@ pub async fn reload(shared: &Shared) -> Result<ReloadReport, ReloadError> {
         .get_or_create(&ResultLabels { result: label })
         .inc();
     match &result {
-        Ok(r) => tracing::info!(routes = r.routes, needs_restart = ?r.needs_restart, "config reloaded"),
-        Err(e) => tracing::warn!(error = %e, "config reload failed; the previous config stays in force"),
+        Ok(r) => {
+            tracing::info!(routes = r.routes, needs_restart = ?r.needs_restart, "config reloaded")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "config reload failed; the previous config stays in force")
+        }
     }
     result
 }
@@ -215,7 +222,12 @@ fn reload_inner(shared: &Shared) -> Result<ReloadReport, ReloadError> {
     let mut listeners = Vec::new();
     for (i, running) in old.config.listeners.iter().enumerate() {
         let name = &running.name.value;
-        match new.config.listeners.iter().position(|l| &l.name.value == name) {
+        match new
+            .config
+            .listeners
+            .iter()
+            .position(|l| &l.name.value == name)
+        {
             Some(j) => {
                 if listener_settings_differ(running, &new.config.listeners[j]) {
                     needs_restart.push(format!(
@@ -233,7 +245,12 @@ fn reload_inner(shared: &Shared) -> Result<ReloadReport, ReloadError> {
         }
     }
     for l in &new.config.listeners {
-        if !old.config.listeners.iter().any(|o| o.name.value == l.name.value) {
+        if !old
+            .config
+            .listeners
+            .iter()
+            .any(|o| o.name.value == l.name.value)
+        {
             needs_restart.push(format!(
                 "listener {} is new (restart to bind {})",
                 l.name.value, l.address.value

@@ -183,9 +183,11 @@ pub fn status(shared: &Shared) -> Value {
                     "requests_in_window": requests,
                 })
             });
-            let rate_limit = r.state.limiter.as_ref().map(|l| {
-                json!({ "tokens": l.tokens(), "burst": l.burst() })
-            });
+            let rate_limit = r
+                .state
+                .limiter
+                .as_ref()
+                .map(|l| json!({ "tokens": l.tokens(), "burst": l.burst() }));
             json!({
                 "listener": r.spec.listener,
                 "name": r.spec.name,

@@ -88,7 +88,10 @@ th{{background:#eef1f5;text-align:center}} td.l{{text-align:left}}
                         ),
                     )
                 }
-                None => (r#"<span class="state none">none</span>"#.to_string(), "-".into()),
+                None => (
+                    r#"<span class="state none">none</span>"#.to_string(),
+                    "-".into(),
+                ),
             };
             let bucket = match r["rate_limit"].as_object() {
                 Some(rl) => format!("{} / {}", num(&rl["tokens"]), num(&rl["burst"])),

@@ -127,7 +127,11 @@ fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             file: file.to_string(),
             line,
             column,
-            path: if path == "?" || path == "." { String::new() } else { path },
+            path: if path == "?" || path == "." {
+                String::new()
+            } else {
+                path
+            },
             message,
             hint,
         }])

@@ -426,7 +426,10 @@ impl<'de> Deserialize<'de> for RetryMethods {
                     ))),
                 }
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RetryMethods, A::Error> {
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RetryMethods, A::Error> {
                 let mut out = Vec::new();
                 while let Some(m) = seq.next_element::<String>()? {
                     if http::Method::from_bytes(m.as_bytes()).is_err() {
@@ -750,7 +753,9 @@ pub struct ConcurrencyLimitConfig {
 fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
     if n == 0 {
-        return Err(de::Error::custom("0 would refuse every request; use at least 1"));
+        return Err(de::Error::custom(
+            "0 would refuse every request; use at least 1",
+        ));
     }
     Ok(n)
 }

@@ -28,7 +28,10 @@ fn minimal_config_gets_defaults() {
 
 #[test]
 fn unknown_key_names_line_and_path() {
-    let text = MINIMAL.replace("upstream: app", "upstream: app\n        retry: { attempts: 2, bogus: 1 }");
+    let text = MINIMAL.replace(
+        "upstream: app",
+        "upstream: app\n        retry: { attempts: 2, bogus: 1 }",
+    );
     let e = &errors(&text)[0];
     eprintln!("{e}");
     assert_eq!(e.path, "listeners[0].routes[0].retry.bogus");
@@ -77,13 +80,19 @@ fn inline_block_replaces_policy_block_wholesale() {
     let retry = r.retry.as_ref().unwrap();
     assert_eq!(retry.attempts, 2);
     assert_eq!(retry.per_try_timeout, None, "no deep merge");
-    assert!(r.rate_limit.is_none(), "false switches the policy's block off");
+    assert!(
+        r.rate_limit.is_none(),
+        "false switches the policy's block off"
+    );
 }
 
 #[test]
 fn off_and_false_switch_blocks_off() {
     for word in ["false", "off"] {
-        let text = MINIMAL.replace("upstream: app", &format!("upstream: app\n        timeout: {word}\n        retry: {word}"));
+        let text = MINIMAL.replace(
+            "upstream: app",
+            &format!("upstream: app\n        timeout: {word}\n        retry: {word}"),
+        );
         let l = from_yaml(&text, "test.yaml", Path::new(".")).unwrap();
         assert_eq!(l.routes[0].timeout, None);
         assert!(l.routes[0].retry.is_none());
@@ -98,7 +107,11 @@ fn duplicate_route_names_and_bad_values() {
     );
     let errs = errors(&text);
     eprintln!("{}", ConfigErrors(errs.clone()));
-    assert!(errs[0].path.ends_with("circuit_breaker.failure_rate"), "{:?}", errs[0]);
+    assert!(
+        errs[0].path.ends_with("circuit_breaker.failure_rate"),
+        "{:?}",
+        errs[0]
+    );
 }
 
 #[test]
@@ -121,10 +134,16 @@ fn syntax_error_has_location() {
 
 #[test]
 fn conditions_parse() {
-    let text = MINIMAL.replace("upstream: app", "upstream: app\n        retry: { when: [5xx, 503, grpc-unavailable, connect-failure] }");
+    let text = MINIMAL.replace(
+        "upstream: app",
+        "upstream: app\n        retry: { when: [5xx, 503, grpc-unavailable, connect-failure] }",
+    );
     let l = from_yaml(&text, "test.yaml", Path::new(".")).unwrap();
     let when = &l.routes[0].retry.as_ref().unwrap().when;
     assert_eq!(when[2], Condition::Grpc(14));
-    let text = MINIMAL.replace("upstream: app", "upstream: app\n        retry: { when: [grpc-nope] }");
+    let text = MINIMAL.replace(
+        "upstream: app",
+        "upstream: app\n        retry: { when: [grpc-nope] }",
+    );
     assert!(errors(&text)[0].message.contains("gRPC"));
 }

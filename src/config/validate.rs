@@ -69,8 +69,7 @@ fn loc<T>(v: &At<T>) -> (u64, u64) {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -414,7 +413,9 @@ fn valid_endpoint(ep: &str) -> bool {
 fn resolve<T: Clone>(inline: &Option<Toggle<T>>, policy: Option<&Option<Toggle<T>>>) -> Option<T> {
     match inline {
         Some(t) => t.on().cloned(),
-        None => policy.and_then(|p| p.as_ref()).and_then(|t| t.on().cloned()),
+        None => policy
+            .and_then(|p| p.as_ref())
+            .and_then(|t| t.on().cloned()),
     }
 }
 
@@ -495,7 +496,10 @@ fn check_blocks(
             errs.push(
                 at,
                 format!("{path}.retry.backoff"),
-                format!("backoff base {} must be above 0 and at most max {}", b.base, b.max),
+                format!(
+                    "backoff base {} must be above 0 and at most max {}",
+                    b.base, b.max
+                ),
                 Some("for example { base: 25ms, max: 250ms }"),
             );
         }
@@ -512,7 +516,9 @@ fn check_blocks(
                 at,
                 format!("{path}.retry.when"),
                 "no retry conditions are listed, so nothing would be retried".into(),
-                Some("list conditions like [connect-failure, gateway-error], or use `retry: false`"),
+                Some(
+                    "list conditions like [connect-failure, gateway-error], or use `retry: false`",
+                ),
             );
         }
         if let RetryMethods::List(l) = &r.methods {
@@ -589,7 +595,13 @@ fn check_blocks(
     }
 }
 
-fn load_fallback(errs: &mut Errs<'_>, path: &str, at: (u64, u64), fb: &mut FallbackConfig, base: &Path) {
+fn load_fallback(
+    errs: &mut Errs<'_>,
+    path: &str,
+    at: (u64, u64),
+    fb: &mut FallbackConfig,
+    base: &Path,
+) {
     if fb.when.is_empty() {
         errs.push(
             at,

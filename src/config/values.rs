@@ -181,9 +181,7 @@ impl Serialize for Size {
 /// Parses a byte count with an optional binary (`KiB`, `MiB`, `GiB`) or decimal (`KB`, `MB`, `GB`) unit.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -326,7 +324,10 @@ impl<T: Serialize> Serialize for Toggle<T> {
 }
 
 fn is_off_word(v: &str) -> bool {
-    matches!(v.trim(), "false" | "off" | "False" | "Off" | "OFF" | "FALSE")
+    matches!(
+        v.trim(),
+        "false" | "off" | "False" | "Off" | "OFF" | "FALSE"
+    )
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Toggle<T> {
@@ -391,7 +392,9 @@ impl<'de> Deserialize<'de> for TimeoutSetting {
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<TimeoutSetting, E> {
                 if v {
-                    Err(E::custom("`true` is not a timeout; write a duration like 15s, or false"))
+                    Err(E::custom(
+                        "`true` is not a timeout; write a duration like 15s, or false",
+                    ))
                 } else {
                     Ok(TimeoutSetting::Off)
                 }
@@ -402,7 +405,9 @@ impl<'de> Deserialize<'de> for TimeoutSetting {
                 }
                 let d = parse_duration(v).map_err(E::custom)?;
                 if d.is_zero() {
-                    return Err(E::custom("a timeout of 0 would fail every request; use false to switch it off"));
+                    return Err(E::custom(
+                        "a timeout of 0 would fail every request; use false to switch it off",
+                    ));
                 }
                 Ok(TimeoutSetting::After(Dur(d)))
             }

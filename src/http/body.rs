@@ -57,6 +57,7 @@ impl Body {
     }
 }
 
+#[allow(clippy::derivable_impls)] // pin_project! enums cannot carry #[default]
 impl Default for Body {
     fn default() -> Self {
         Body::Empty

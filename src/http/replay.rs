@@ -83,7 +83,7 @@ impl ReplayBody {
             held: None,
             pos: 0,
             trailers_sent: false,
-            hint: self.hint.clone(),
+            hint: self.hint,
         })
     }
 
@@ -177,7 +177,7 @@ impl http_body::Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -191,7 +191,9 @@ mod tests {
             .iter()
             .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
             .collect();
-        Body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+        Body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
     }
 
     #[tokio::test]

@@ -122,14 +122,20 @@ pub fn error_response(kind: ErrorKind, is_grpc: bool) -> Response<Body> {
         r
     };
     let h = res.headers_mut();
-    h.insert(PROXY_STATUS.clone(), HeaderValue::from_static(a.proxy_status));
+    h.insert(
+        PROXY_STATUS.clone(),
+        HeaderValue::from_static(a.proxy_status),
+    );
     if let ErrorKind::RateLimited(rl) = kind {
         let secs = rl.retry_after.as_secs() + u64::from(rl.retry_after.subsec_nanos() > 0);
         let secs = secs.max(1);
         if !is_grpc {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        h.insert(RATELIMIT_POLICY.clone(), ratelimit_policy(rl.burst, rl.window_secs));
+        h.insert(
+            RATELIMIT_POLICY.clone(),
+            ratelimit_policy(rl.burst, rl.window_secs),
+        );
         if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r=0;t={secs}")) {
             h.insert(RATELIMIT.clone(), v);
         }

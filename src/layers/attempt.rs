@@ -214,28 +214,43 @@ mod tests {
     use tower_test::mock;
 
     fn layer(m: &Metrics, per_try: Option<Duration>) -> AttemptLayer {
-        AttemptLayer::new("r", "up", per_try, Conditions::new(&[Condition::Status5xx]), m)
+        AttemptLayer::new(
+            "r",
+            "up",
+            per_try,
+            Conditions::new(&[Condition::Status5xx]),
+            m,
+        )
     }
 
     #[tokio::test(start_paused = true)]
     async fn per_try_timeout_fires_and_counts() {
         let m = Metrics::new();
-        let (mut svc, mut handle) =
-            mock::spawn_layer::<Request<Body>, Response<Body>, _>(layer(&m, Some(Duration::from_millis(50))));
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<Body>, Response<Body>, _>(layer(
+            &m,
+            Some(Duration::from_millis(50)),
+        ));
         handle.allow(1);
         assert!(svc.poll_ready().is_ready());
         let err = svc.call(Request::new(Body::Empty)).await.unwrap_err();
-        assert_eq!(ErrorKind::of_box(&err), ErrorKind::Timeout(TimeoutKind::PerTry));
+        assert_eq!(
+            ErrorKind::of_box(&err),
+            ErrorKind::Timeout(TimeoutKind::PerTry)
+        );
         let text = m.encode();
         assert!(text.contains(r#"breakwater_timeouts_total{route="r",kind="per_try"} 1"#));
-        assert!(text.contains(r#"breakwater_upstream_attempts_total{route="r",upstream="up",outcome="timeout"} 1"#));
+        assert!(text.contains(
+            r#"breakwater_upstream_attempts_total{route="r",upstream="up",outcome="timeout"} 1"#
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn grpc_upstream_gets_time_left() {
         let m = Metrics::new();
-        let (mut svc, mut handle) =
-            mock::spawn_layer::<Request<Body>, Response<Body>, _>(layer(&m, Some(Duration::from_secs(5))));
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<Body>, Response<Body>, _>(layer(
+            &m,
+            Some(Duration::from_secs(5)),
+        ));
         handle.allow(1);
         assert!(svc.poll_ready().is_ready());
         let mut req = Request::builder()

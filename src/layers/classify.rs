@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(c.matches(&Outcome::Refused), None);
         let t = Conditions::new(&[Condition::Timeout, Condition::Status5xx]);
         assert!(t.any(&Outcome::Timeout(TimeoutKind::PerTry)));
-        assert!(!t.any(&Outcome::Timeout(TimeoutKind::Request)), "an expired total deadline is never retried");
+        assert!(
+            !t.any(&Outcome::Timeout(TimeoutKind::Request)),
+            "an expired total deadline is never retried"
+        );
         assert!(t.any(&resp(500, None)));
         assert!(!Conditions::new(&[Condition::Retriable4xx]).any(&resp(404, None)));
     }

@@ -190,7 +190,9 @@ mod tests {
         assert_eq!(limit.inflight(), 1);
         drop(f2); // a client that goes away frees its slot
         assert_eq!(limit.inflight(), 0);
-        assert!(m.encode().contains(r#"breakwater_overloaded_total{route="r"} 1"#));
+        assert!(m
+            .encode()
+            .contains(r#"breakwater_overloaded_total{route="r"} 1"#));
     }
 
     #[tokio::test]

@@ -100,7 +100,10 @@ impl FallbackLayer {
         let mut headers = HeaderMap::new();
         for (k, v) in &cfg.headers {
             // Validated at load time; a header that still fails to parse is skipped.
-            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 headers.append(k, v);
             }
         }
@@ -120,7 +123,10 @@ impl FallbackLayer {
                 headers,
                 body: cfg.body_bytes.clone(),
                 grpc: cfg.grpc_status.map(|c| {
-                    let msg = cfg.grpc_message.as_deref().unwrap_or("breakwater: fallback");
+                    let msg = cfg
+                        .grpc_message
+                        .as_deref()
+                        .unwrap_or("breakwater: fallback");
                     (c, synthetic::grpc_message(msg))
                 }),
                 counters,
@@ -201,13 +207,18 @@ where
                     _ => Err(e),
                 }
             }
-            Ok(res) if res.status().is_server_error() && sh.enabled[index(FallbackReason::Upstream5xx)] => {
+            Ok(res)
+                if res.status().is_server_error()
+                    && sh.enabled[index(FallbackReason::Upstream5xx)] =>
+            {
                 sh.counters[index(FallbackReason::Upstream5xx)].inc();
                 let ps = HeaderValue::from_str(&format!(
                     "breakwater; received-status={}; details=\"upstream_5xx\"",
                     res.status().as_u16()
                 ))
-                .unwrap_or(HeaderValue::from_static("breakwater; details=\"upstream_5xx\""));
+                .unwrap_or(HeaderValue::from_static(
+                    "breakwater; details=\"upstream_5xx\"",
+                ));
                 Ok(sh.render(*this.is_grpc, ps))
             }
             Ok(res) => Ok(res),
@@ -259,7 +270,9 @@ mod tests {
     async fn listed_reason_gets_the_configured_answer() {
         let m = Metrics::new();
         let c = cfg(vec![FallbackReason::CircuitOpen]);
-        let res = one(&c, &m, Request::new(Body::Empty), Err(CircuitOpen.into())).await.unwrap();
+        let res = one(&c, &m, Request::new(Body::Empty), Err(CircuitOpen.into()))
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["content-type"], "application/json");
         assert_eq!(
@@ -268,14 +281,18 @@ mod tests {
         );
         let body = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{\"degraded\":true}");
-        assert!(m.encode().contains(r#"breakwater_fallbacks_total{route="r",reason="circuit_open"} 1"#));
+        assert!(m
+            .encode()
+            .contains(r#"breakwater_fallbacks_total{route="r",reason="circuit_open"} 1"#));
     }
 
     #[tokio::test]
     async fn unlisted_reason_passes_the_error_on() {
         let m = Metrics::new();
         let c = cfg(vec![FallbackReason::CircuitOpen]);
-        let err = one(&c, &m, Request::new(Body::Empty), Err(Overloaded.into())).await.unwrap_err();
+        let err = one(&c, &m, Request::new(Body::Empty), Err(Overloaded.into()))
+            .await
+            .unwrap_err();
         assert_eq!(ErrorKind::of_box(&err), ErrorKind::Overloaded);
     }
 
@@ -283,15 +300,26 @@ mod tests {
     async fn upstream_5xx_names_the_received_status() {
         let m = Metrics::new();
         let c = cfg(vec![FallbackReason::Upstream5xx]);
-        let up = Response::builder().status(503).body(Body::full("boom")).unwrap();
-        let res = one(&c, &m, Request::new(Body::Empty), Ok(up)).await.unwrap();
+        let up = Response::builder()
+            .status(503)
+            .body(Body::full("boom"))
+            .unwrap();
+        let res = one(&c, &m, Request::new(Body::Empty), Ok(up))
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(
             res.headers()["proxy-status"],
             r#"breakwater; received-status=503; details="upstream_5xx""#
         );
         let ok = Response::builder().status(404).body(Body::Empty).unwrap();
-        assert_eq!(one(&c, &m, Request::new(Body::Empty), Ok(ok)).await.unwrap().status(), 404);
+        assert_eq!(
+            one(&c, &m, Request::new(Body::Empty), Ok(ok))
+                .await
+                .unwrap()
+                .status(),
+            404
+        );
     }
 
     #[tokio::test]

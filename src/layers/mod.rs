@@ -4,12 +4,12 @@
 //! circuit_breaker -> attempt (per-try timeout) -> upstream. Each rejects in `call`
 //! (never parks in `poll_ready`), so a refused request is answered at once.
 
+pub mod attempt;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod concurrency_limit;
-pub mod rate_limit;
-pub mod attempt;
-pub mod timeout;
-pub mod retry;
 pub mod fallback;
 pub mod metrics;
+pub mod rate_limit;
+pub mod retry;
+pub mod timeout;

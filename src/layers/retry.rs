@@ -103,7 +103,12 @@ impl RetryPolicy {
         match &self.cfg.methods {
             RetryMethods::Idempotent => matches!(
                 *m,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
             ),
             RetryMethods::Any => true,
             RetryMethods::List(l) => l.iter().any(|x| x == m.as_str()),
@@ -145,10 +150,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> +
 
 impl<S> Service<Request<Body>> for Retry<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Response<Body>;
@@ -335,7 +337,13 @@ mod tests {
 
     type Handle = mock::Handle<Request<Body>, Response<Body>>;
 
-    fn spawn(cfg: &RetryConfig, m: &Metrics) -> (mock::Spawn<Retry<mock::Mock<Request<Body>, Response<Body>>>>, Handle) {
+    fn spawn(
+        cfg: &RetryConfig,
+        m: &Metrics,
+    ) -> (
+        mock::Spawn<Retry<mock::Mock<Request<Body>, Response<Body>>>>,
+        Handle,
+    ) {
         let policy = RetryPolicy::new("r", cfg, m);
         mock::spawn_layer(RetryLayer::new(policy))
     }
@@ -371,7 +379,10 @@ mod tests {
             let max = samples.iter().cloned().fold(0.0, f64::max);
             let mean = samples.iter().sum::<f64>() / samples.len() as f64;
             assert!(min >= lo && max <= hi, "{jitter:?}: {min}..{max}");
-            assert!(min < lo + 5.0 && max > hi - 5.0, "{jitter:?} spread {min}..{max}");
+            assert!(
+                min < lo + 5.0 && max > hi - 5.0,
+                "{jitter:?} spread {min}..{max}"
+            );
             let mid = (lo + hi) / 2.0;
             assert!((mean - mid).abs() < 5.0, "{jitter:?} mean {mean}");
         }
@@ -386,12 +397,18 @@ mod tests {
         let fut = tokio::spawn(svc.call(Request::new(Body::Empty)));
         for (n, code) in [(1, 503), (2, 502), (3, 200)] {
             let (req, send) = handle.next_request().await.unwrap();
-            assert_eq!(req.headers()["x-breakwater-attempt"], n.to_string().as_str());
+            assert_eq!(
+                req.headers()["x-breakwater-attempt"],
+                n.to_string().as_str()
+            );
             send.send_response(status(code));
         }
         assert_eq!(fut.await.unwrap().unwrap().status(), 200);
         let text = m.encode();
-        assert!(text.contains(r#"breakwater_retries_total{route="r",reason="gateway-error"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"breakwater_retries_total{route="r",reason="gateway-error"} 2"#),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -413,7 +430,12 @@ mod tests {
         let m = Metrics::new();
         let (mut svc, mut handle) = spawn(&cfg(3), &m);
         handle.allow(10);
-        let post = || Request::builder().method("POST").body(Body::full("x")).unwrap();
+        let post = || {
+            Request::builder()
+                .method("POST")
+                .body(Body::full("x"))
+                .unwrap()
+        };
         assert!(svc.poll_ready().is_ready());
         let fut = tokio::spawn(svc.call(post()));
         let (_, send) = handle.next_request().await.unwrap();
@@ -479,7 +501,9 @@ mod tests {
         }
         // a floor of 1/s over a 10 s window allows about 10 retries, not 20
         assert!(upstream_calls <= 20 + 11, "{upstream_calls} calls");
-        assert!(m.encode().contains("breakwater_retry_budget_exhausted_total{route=\"r\"}"));
+        assert!(m
+            .encode()
+            .contains("breakwater_retry_budget_exhausted_total{route=\"r\"}"));
         let text = m.encode();
         let exhausted: u64 = text
             .lines()
@@ -547,7 +571,11 @@ mod tests {
     async fn refusals_and_request_timeouts_are_never_retried() {
         let m = Metrics::new();
         let mut c = cfg(3);
-        c.when = vec![Condition::Timeout, Condition::Status5xx, Condition::ConnectFailure];
+        c.when = vec![
+            Condition::Timeout,
+            Condition::Status5xx,
+            Condition::ConnectFailure,
+        ];
         let (mut svc, mut handle) = spawn(&c, &m);
         handle.allow(10);
         assert!(svc.poll_ready().is_ready());
@@ -582,7 +610,12 @@ mod tests {
         );
         let (req, send) = handle.next_request().await.unwrap();
         assert_eq!(req.headers()["grpc-previous-rpc-attempts"], "1");
-        send.send_response(Response::builder().header("grpc-status", "0").body(Body::Empty).unwrap());
+        send.send_response(
+            Response::builder()
+                .header("grpc-status", "0")
+                .body(Body::Empty)
+                .unwrap(),
+        );
         assert_eq!(fut.await.unwrap().unwrap().headers()["grpc-status"], "0");
     }
 }

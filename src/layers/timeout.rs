@@ -144,8 +144,13 @@ mod tests {
         let (req, _send) = handle.next_request().await.unwrap();
         assert!(req.extensions().get::<Deadline>().is_some());
         let err = fut.await.unwrap_err();
-        assert_eq!(ErrorKind::of_box(&err), ErrorKind::Timeout(TimeoutKind::Request));
-        assert!(m.encode().contains(r#"breakwater_timeouts_total{route="r",kind="request"} 1"#));
+        assert_eq!(
+            ErrorKind::of_box(&err),
+            ErrorKind::Timeout(TimeoutKind::Request)
+        );
+        assert!(m
+            .encode()
+            .contains(r#"breakwater_timeouts_total{route="r",kind="request"} 1"#));
     }
 
     #[tokio::test(start_paused = true)]

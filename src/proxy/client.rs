@@ -146,7 +146,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if let Some(te) = h.get(header::TE) {
         let trailers_only = te
             .to_str()
-            .map(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("trailers")))
+            .map(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("trailers"))
+            })
             .unwrap_or(false);
         if trailers_only {
             h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -270,7 +273,9 @@ impl Future for UpstreamFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (mut fut, endpoint, prefetch, held) = match self.project() {
             UpProj::Failed { err } => {
-                return Poll::Ready(Err(err.take().unwrap_or_else(|| "polled after completion".into())))
+                return Poll::Ready(Err(err
+                    .take()
+                    .unwrap_or_else(|| "polled after completion".into())))
             }
             UpProj::Sending {
                 fut,
@@ -336,7 +341,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));

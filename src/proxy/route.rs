@@ -121,7 +121,13 @@ impl Routers {
                 .get(spec.upstream.as_str())
                 .ok_or_else(|| format!("route {}: unknown upstream {}", spec.name, spec.upstream))?
                 .clone();
-            let route = build_route(spec, upstream, old.get(spec.name.as_str()).copied(), metrics, access_log);
+            let route = build_route(
+                spec,
+                upstream,
+                old.get(spec.name.as_str()).copied(),
+                metrics,
+                access_log,
+            );
             if let Some(l) = listeners.iter_mut().find(|l| l.listener == spec.listener) {
                 l.routes.push(route);
             }
@@ -197,13 +203,21 @@ pub fn build_route(
         failure.push(Condition::Status5xx);
     }
     let classify_grpc = failure.iter().any(|c| matches!(c, Condition::Grpc(_)));
-    let per_try = spec.retry.as_ref().and_then(|r| r.per_try_timeout).map(|d| d.0);
+    let per_try = spec
+        .retry
+        .as_ref()
+        .and_then(|r| r.per_try_timeout)
+        .map(|d| d.0);
 
     let stack = ServiceBuilder::new()
         // Outermost: sees every response and every error exactly as the client will.
         .layer(MetricsLayer::new(state.stats.clone(), access_log))
         // Outside the limiters, so their refusals can be replaced too.
-        .option_layer(spec.fallback.as_ref().map(|f| FallbackLayer::new(name, f, metrics)))
+        .option_layer(
+            spec.fallback
+                .as_ref()
+                .map(|f| FallbackLayer::new(name, f, metrics)),
+        )
         // Refused requests never reach the retry budget or start a deadline.
         .option_layer(state.limiter.clone().map(RateLimitLayer::new))
         .option_layer(state.limit.clone().map(ConcurrencyLimitLayer::new))
@@ -246,26 +260,54 @@ pub fn describe(loaded: &Loaded) -> String {
                 let when: Vec<_> = f
                     .when
                     .iter()
-                    .map(|w| serde_json::to_value(w).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+                    .map(|w| {
+                        serde_json::to_value(w)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    })
                     .collect();
-                let grpc = f.grpc_status.map(|c| format!(", grpc_status {c}")).unwrap_or_default();
-                let _ = writeln!(out, "      fallback: when [{}] -> {}{grpc}", when.join(", "), f.status);
+                let grpc = f
+                    .grpc_status
+                    .map(|c| format!(", grpc_status {c}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "      fallback: when [{}] -> {}{grpc}",
+                    when.join(", "),
+                    f.status
+                );
             }
             if let Some(rl) = &r.rate_limit {
                 let burst = rl
                     .burst
                     .unwrap_or_else(|| (rl.rate.per_second().ceil() as u32).max(1));
-                let _ = writeln!(out, "      rate_limit: {} burst {} key {} ({})", rl.rate, burst, key_str(&rl.key), mode(rl.mode));
+                let _ = writeln!(
+                    out,
+                    "      rate_limit: {} burst {} key {} ({})",
+                    rl.rate,
+                    burst,
+                    key_str(&rl.key),
+                    mode(rl.mode)
+                );
             }
             if let Some(c) = &r.concurrency_limit {
-                let _ = writeln!(out, "      concurrency_limit: max {} ({})", c.max, mode(c.mode));
+                let _ = writeln!(
+                    out,
+                    "      concurrency_limit: max {} ({})",
+                    c.max,
+                    mode(c.mode)
+                );
             }
             match &r.timeout {
                 Some(t) => {
                     let _ = writeln!(out, "      timeout: {t}");
                 }
                 None => {
-                    let _ = writeln!(out, "      timeout: off (a client grpc-timeout still applies)");
+                    let _ = writeln!(
+                        out,
+                        "      timeout: off (a client grpc-timeout still applies)"
+                    );
                 }
             }
             if let Some(rt) = &r.retry {

@@ -24,7 +24,9 @@ impl Matcher {
             path: m.path.clone(),
             // validation forbids `grpc_service` only with conflicting paths at runtime;
             // a gRPC service is a path prefix on the wire
-            prefix: grpc_prefix.or_else(|| m.path_prefix.clone()).filter(|p| p != "/"),
+            prefix: grpc_prefix
+                .or_else(|| m.path_prefix.clone())
+                .filter(|p| p != "/"),
             methods: m.methods.as_ref().map(|ms| {
                 ms.iter()
                     .filter_map(|s| Method::from_bytes(s.as_bytes()).ok())
@@ -84,7 +86,11 @@ impl Matcher {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host.split(']').next().map(|h| &host[..h.len() + 1]).unwrap_or(host);
+        return host
+            .split(']')
+            .next()
+            .map(|h| &host[..h.len() + 1])
+            .unwrap_or(host);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -142,7 +148,11 @@ mod tests {
         assert!(!m.matches(&req("POST", "/orders/1", &h)));
         assert!(!m.matches(&req("GET", "/users", &h)));
         assert!(!m.matches(&req("GET", "/orders", &[("host", "api.example.com")])));
-        assert!(!m.matches(&req("GET", "/orders", &[("host", "other"), ("x-canary", "true")])));
+        assert!(!m.matches(&req(
+            "GET",
+            "/orders",
+            &[("host", "other"), ("x-canary", "true")]
+        )));
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 }
                 Inner::Route(route.service.clone().call(req))
             }
-            None => Inner::Ready(Some(Err(Box::new(crate::error::NoRoute)))),
+            None => Inner::Failed(Some(Box::new(crate::error::NoRoute))),
         };
         RescueFuture {
             inner,
@@ -232,7 +232,7 @@ type RouteFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>>
 
 enum Inner {
     Route(RouteFuture),
-    Ready(Option<Result<Response<Body>, BoxError>>),
+    Failed(Option<BoxError>),
 }
 
 /// Renders errors and panics of the route stack as proxy-made responses.
@@ -257,14 +257,17 @@ impl Future for RescueFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let is_grpc = self.is_grpc;
         let result = match &mut self.inner {
-            Inner::Ready(r) => r.take().unwrap_or_else(|| Err("polled after completion".into())),
+            Inner::Failed(e) => Err(e.take().unwrap_or_else(|| "polled after completion".into())),
             Inner::Route(fut) => match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
                 Ok(Poll::Pending) => return Poll::Pending,
                 Ok(Poll::Ready(r)) => r,
                 Err(_) => {
                     tracing::error!("a request handler panicked; answering 500");
-                    self.inner = Inner::Ready(None);
-                    return Poll::Ready(Ok(synthetic::error_response(ErrorKind::Internal, is_grpc)));
+                    self.inner = Inner::Failed(None);
+                    return Poll::Ready(Ok(synthetic::error_response(
+                        ErrorKind::Internal,
+                        is_grpc,
+                    )));
                 }
             },
         };

@@ -262,7 +262,11 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        reg.register("breakwater_build_info", "Build information; always 1", build_info);
+        reg.register(
+            "breakwater_build_info",
+            "Build information; always 1",
+            build_info,
+        );
         reg.register_collector(Box::new(ProcessCollector::new()));
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = reg;
         m
@@ -306,8 +310,8 @@ pub struct RequestCounters {
 /// Status codes common enough to get a cell of their own; others take the family's
 /// lookup path (rare by definition).
 const COMMON_STATUSES: [u16; 32] = [
-    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409,
-    410, 413, 415, 422, 429, 431, 499, 500, 501, 502, 503, 504, 101, 100,
+    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 410,
+    413, 415, 422, 429, 431, 499, 500, 501, 502, 503, 504, 101, 100,
 ];
 const STATUS_SPAN: usize = COMMON_STATUSES.len();
 
