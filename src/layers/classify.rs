@@ -13,6 +13,11 @@ use crate::http::{grpc, Body};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcStatus(pub u8);
 
+/// A `grpc-retry-pushback-ms` read from trailers ahead of forwarding (negative: do not
+/// retry); put in response extensions by the upstream client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcPushback(pub i64);
+
 /// The outcome of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
-use super::classify::{Conditions, Outcome};
+use super::classify::{Conditions, GrpcPushback, Outcome};
 use crate::config::{BackoffConfig, Jitter, RetryConfig, RetryMethods};
 use crate::error::BoxError;
 use crate::http::replay::ReplayBody;
@@ -289,8 +289,12 @@ enum UpstreamWait {
 /// The wait an upstream asked for: `grpc-retry-pushback-ms` (negative: do not retry)
 /// or `Retry-After` in seconds.
 fn upstream_wait(res: &Response<Body>) -> Option<UpstreamWait> {
-    if let Some(v) = res.headers().get(&PUSHBACK) {
-        let ms: i64 = v.to_str().ok()?.trim().parse().ok()?;
+    let pushback = match res.headers().get(&PUSHBACK) {
+        Some(v) => v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()),
+        // Real gRPC servers send pushback in the trailers, read ahead by the client.
+        None => res.extensions().get::<GrpcPushback>().map(|p| p.0),
+    };
+    if let Some(ms) = pushback {
         return Some(if ms < 0 {
             UpstreamWait::Never
         } else {

@@ -28,7 +28,7 @@ use tower::Service;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::{BoxError, UpstreamError, UpstreamErrorKind};
 use crate::http::{grpc, Body, ClientAddr};
-use crate::layers::classify::GrpcStatus;
+use crate::layers::classify::{GrpcPushback, GrpcStatus};
 use crate::layers::metrics::UpstreamEndpoint;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -257,14 +257,36 @@ fn finish(
     mut parts: http::response::Parts,
     body: Body,
     endpoint: &Arc<str>,
-    grpc_status: Option<u8>,
+    early: TrailerInfo,
 ) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     parts.extensions.insert(UpstreamEndpoint(endpoint.clone()));
-    if let Some(code) = grpc_status {
+    if let Some(code) = early.status {
         parts.extensions.insert(GrpcStatus(code));
     }
+    if let Some(ms) = early.pushback_ms {
+        parts.extensions.insert(GrpcPushback(ms));
+    }
     Response::from_parts(parts, body)
+}
+
+/// What trailers read ahead of forwarding tell retry and the breaker.
+#[derive(Debug, Default, Clone, Copy)]
+struct TrailerInfo {
+    status: Option<u8>,
+    pushback_ms: Option<i64>,
+}
+
+impl TrailerInfo {
+    fn of(t: &HeaderMap) -> TrailerInfo {
+        TrailerInfo {
+            status: grpc::status(t),
+            pushback_ms: t
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<i64>().ok()),
+        }
+    }
 }
 
 impl Future for UpstreamFuture {
@@ -302,7 +324,12 @@ impl Future for UpstreamFuture {
             };
             let (parts, body) = res.into_parts();
             if !*prefetch || grpc::status(&parts.headers).is_some() || body.is_end_stream() {
-                return Poll::Ready(Ok(finish(parts, Body::from(body), endpoint, None)));
+                return Poll::Ready(Ok(finish(
+                    parts,
+                    Body::from(body),
+                    endpoint,
+                    TrailerInfo::default(),
+                )));
             }
             *held = Some((parts, body));
         }
@@ -317,18 +344,26 @@ impl Future for UpstreamFuture {
             return Poll::Pending;
         };
         match frame {
-            None => Poll::Ready(Ok(finish(parts, Body::Empty, endpoint, None))),
+            None => Poll::Ready(Ok(finish(
+                parts,
+                Body::Empty,
+                endpoint,
+                TrailerInfo::default(),
+            ))),
             Some(Err(e)) => Poll::Ready(Err(Box::new(UpstreamError {
                 kind: UpstreamErrorKind::Reset,
                 source: Box::new(e),
             }))),
             Some(Ok(frame)) => {
-                let status = frame.trailers_ref().and_then(grpc::status);
+                let early = frame
+                    .trailers_ref()
+                    .map(TrailerInfo::of)
+                    .unwrap_or_default();
                 let body = Body::Prefetched {
                     first: Some(frame),
                     rest,
                 };
-                Poll::Ready(Ok(finish(parts, body, endpoint, status)))
+                Poll::Ready(Ok(finish(parts, body, endpoint, early)))
             }
         }
     }

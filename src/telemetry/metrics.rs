@@ -256,6 +256,10 @@ impl Metrics {
             "Config reloads, by result",
             m.config_reloads.clone(),
         );
+        // Present from the start, so a dashboard shows 0 rather than "no data".
+        for result in ["success", "failure"] {
+            m.config_reloads.get_or_create(&ResultLabels { result });
+        }
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&VersionLabels {
