@@ -69,9 +69,13 @@ fn init_logging(format: Option<LogFormat>, default_level: &str) {
 }
 
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
+    // One worker needs no work stealing: a current-thread runtime is cheaper per request.
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = workers.filter(|n| *n > 1) {
+        b.worker_threads(n);
     }
     b.enable_all().build()
 }

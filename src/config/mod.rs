@@ -116,22 +116,32 @@ fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     result.map_err(|e| {
         // `Spanned` wrappers show up as a `.value` segment; users never wrote it.
         let path = track.path().to_string().replace(".value", "");
+        let path = if path == "?" || path == "." {
+            String::new()
+        } else {
+            path
+        };
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
         let raw = e.without_snippet().to_string();
         let message = strip_location(&raw);
+        // A missing key is reported at its parent; name the key itself.
+        let path = match message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+        {
+            Some(field) if path.is_empty() => field.to_string(),
+            Some(field) => format!("{path}.{field}"),
+            None => path,
+        };
         let hint = hint_for(&message);
         ConfigErrors(vec![ConfigError {
             file: file.to_string(),
             line,
             column,
-            path: if path == "?" || path == "." {
-                String::new()
-            } else {
-                path
-            },
+            path,
             message,
             hint,
         }])

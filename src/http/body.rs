@@ -2,16 +2,69 @@
 //! than a boxed trait object, so the common cases (a streaming hyper body, a fixed
 //! synthetic body) cost no allocation.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use pin_project_lite::pin_project;
 
 use super::replay::ReplayBody;
-use crate::error::BoxError;
+use crate::error::{BoxError, Elapsed, TimeoutKind};
+use prometheus_client::metrics::counter::Counter;
+
+pin_project! {
+    /// A body with a deadline; one allocation holds both, so [`Body`] stays `Unpin`.
+    #[derive(Debug)]
+    pub struct Timed {
+        body: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        grpc: bool,
+        fired: Option<Counter>,
+    }
+}
+
+impl Timed {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = Pin::new(&mut *this.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.fired.is_none() {
+            // Already fired; the stream was ended.
+            return Poll::Ready(None);
+        }
+        if this.sleep.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if let Some(c) = this.fired.take() {
+            c.inc();
+        }
+        *this.body = Body::Empty;
+        if *this.grpc {
+            // A gRPC client reads the deadline from trailers, as it would from a server.
+            let mut t = http::HeaderMap::new();
+            t.insert(
+                super::grpc::GRPC_STATUS,
+                http::HeaderValue::from_static("4"),
+            );
+            t.insert(
+                super::grpc::GRPC_MESSAGE,
+                http::HeaderValue::from_static("breakwater: deadline exceeded"),
+            );
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        Poll::Ready(Some(Err(Box::new(Elapsed {
+            kind: TimeoutKind::Request,
+        }))))
+    }
+}
 
 pin_project! {
     /// A request or response body.
@@ -28,6 +81,8 @@ pin_project! {
         /// A response whose first frame was already read (gRPC classification),
         /// followed by the rest of the stream.
         Prefetched { first: Option<Frame<Bytes>>, #[pin] rest: hyper::body::Incoming },
+        /// A response body that must end before the request's deadline.
+        Timed { inner: Pin<Box<Timed>> },
         /// Anything else.
         Boxed { #[pin] inner: BoxBody<Bytes, BoxError> },
     }
@@ -58,6 +113,24 @@ impl Body {
 }
 
 #[allow(clippy::derivable_impls)] // pin_project! enums cannot carry #[default]
+impl Body {
+    /// Ends this body at `deadline`: with `grpc-status: 4` trailers for gRPC, else
+    /// with an error that aborts the stream. `fired` counts it.
+    pub fn with_deadline(self, deadline: tokio::time::Instant, grpc: bool, fired: Counter) -> Body {
+        if http_body::Body::is_end_stream(&self) {
+            return self;
+        }
+        Body::Timed {
+            inner: Box::pin(Timed {
+                body: self,
+                sleep: tokio::time::sleep_until(deadline),
+                grpc,
+                fired: Some(fired),
+            }),
+        }
+    }
+}
+
 impl Default for Body {
     fn default() -> Self {
         Body::Empty
@@ -78,6 +151,7 @@ impl std::fmt::Debug for Body {
             Body::Incoming { .. } => "Incoming",
             Body::Replay { .. } => "Replay",
             Body::Prefetched { .. } => "Prefetched",
+            Body::Timed { .. } => "Timed",
             Body::Boxed { .. } => "Boxed",
         };
         f.write_str(name)
@@ -103,6 +177,7 @@ impl http_body::Body for Body {
                 }
                 rest.poll_frame(cx).map_err(Into::into)
             }
+            BodyProj::Timed { inner } => inner.as_mut().poll_frame(cx),
             BodyProj::Boxed { inner } => inner.poll_frame(cx),
         }
     }
@@ -114,6 +189,7 @@ impl http_body::Body for Body {
             Body::Incoming { inner } => inner.is_end_stream(),
             Body::Replay { inner } => inner.is_end_stream(),
             Body::Prefetched { first, rest } => first.is_none() && rest.is_end_stream(),
+            Body::Timed { inner } => inner.body.is_end_stream(),
             Body::Boxed { inner } => inner.is_end_stream(),
         }
     }
@@ -140,6 +216,7 @@ impl http_body::Body for Body {
                 }
                 out
             }
+            Body::Timed { inner } => inner.body.size_hint(),
             Body::Boxed { inner } => inner.size_hint(),
         }
     }

@@ -301,9 +301,21 @@ fn upstream_wait(res: &Response<Body>) -> Option<UpstreamWait> {
             UpstreamWait::After(Duration::from_millis(ms as u64))
         });
     }
-    let v = res.headers().get(http::header::RETRY_AFTER)?;
-    let secs: u64 = v.to_str().ok()?.trim().parse().ok()?;
-    Some(UpstreamWait::After(Duration::from_secs(secs)))
+    let v = res
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(UpstreamWait::After(Duration::from_secs(secs)));
+    }
+    // The HTTP-date form (RFC 9110 section 10.2.3); a date in the past means now.
+    let at = httpdate::parse_http_date(v).ok()?;
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Some(UpstreamWait::After(wait))
 }
 
 #[cfg(test)]

@@ -80,14 +80,16 @@ where
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sleep = budget.map(|d| {
-            let deadline = Instant::now() + d;
-            req.extensions_mut().insert(Deadline(deadline));
-            tokio::time::sleep_until(deadline)
-        });
+        let deadline = budget.map(|d| Instant::now() + d);
+        if let Some(dl) = deadline {
+            req.extensions_mut().insert(Deadline(dl));
+        }
+        let grpc = grpc::is_grpc(req.headers());
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep,
+            sleep: deadline.map(tokio::time::sleep_until),
+            deadline,
+            grpc,
             fired: self.layer.fired.clone(),
         }
     }
@@ -100,6 +102,8 @@ pin_project! {
         inner: F,
         #[pin]
         sleep: Option<Sleep>,
+        deadline: Option<Instant>,
+        grpc: bool,
         fired: Counter,
     }
 }
@@ -112,7 +116,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(r) = this.inner.poll(cx) {
-            return Poll::Ready(r);
+            // The deadline covers the whole response, body included.
+            return Poll::Ready(match (r, *this.deadline) {
+                (Ok(res), Some(dl)) => {
+                    let (grpc, fired) = (*this.grpc, this.fired.clone());
+                    Ok(res.map(|b| b.with_deadline(dl, grpc, fired)))
+                }
+                (r, _) => r,
+            });
         }
         if let Some(sleep) = this.sleep.as_pin_mut() {
             if sleep.poll(cx).is_ready() {
@@ -171,6 +182,48 @@ mod tests {
         assert_eq!(dl - start, Duration::from_millis(100));
         fut.await.unwrap_err();
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_covers_the_body() {
+        use http_body_util::BodyExt;
+        let m = Metrics::new();
+        let layer = TimeoutLayer::new("r", Some(Duration::from_secs(1)), &m);
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<Body>, Response<Body>, _>(layer);
+        handle.allow(2);
+        for grpc in [false, true] {
+            assert!(svc.poll_ready().is_ready());
+            let mut req = Request::new(Body::Empty);
+            if grpc {
+                req.headers_mut().insert(
+                    "content-type",
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+            }
+            let fut = svc.call(req);
+            let (_, send) = handle.next_request().await.unwrap();
+            // headers at once, then a body that never ends
+            let never =
+                futures_util::stream::pending::<Result<http_body::Frame<bytes::Bytes>, BoxError>>();
+            send.send_response(Response::new(Body::boxed(http_body_util::StreamBody::new(
+                never,
+            ))));
+            let res = fut.await.unwrap();
+            let collected = res.into_body().collect().await;
+            if grpc {
+                let trailers = collected.unwrap().trailers().cloned().unwrap();
+                assert_eq!(trailers["grpc-status"], "4");
+            } else {
+                let err = collected.unwrap_err();
+                assert_eq!(
+                    ErrorKind::of_box(&err),
+                    ErrorKind::Timeout(TimeoutKind::Request)
+                );
+            }
+        }
+        assert!(m
+            .encode()
+            .contains(r#"breakwater_timeouts_total{route="r",kind="request"} 2"#));
     }
 
     #[tokio::test(start_paused = true)]

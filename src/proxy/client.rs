@@ -27,7 +27,7 @@ use tower::Service;
 
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::{BoxError, UpstreamError, UpstreamErrorKind};
-use crate::http::{grpc, Body, ClientAddr};
+use crate::http::{grpc, Attempt, Body, ClientAddr};
 use crate::layers::classify::{GrpcPushback, GrpcStatus};
 use crate::layers::metrics::UpstreamEndpoint;
 
@@ -42,6 +42,8 @@ static ATTEMPT: HeaderName = HeaderName::from_static("x-breakwater-attempt");
 struct Endpoint {
     authority: Authority,
     label: Arc<str>,
+    /// The endpoint's HTTP/2 connection, for `protocol: http2` upstreams.
+    h2: Option<Arc<H2Connection>>,
 }
 
 /// One upstream cluster: its endpoints and connection pool.
@@ -52,6 +54,79 @@ pub struct Upstream {
     next: AtomicUsize,
     http2: bool,
     client: Client<HttpConnector, Body>,
+}
+
+/// One multiplexed HTTP/2 connection to an endpoint, made on first use and remade when
+/// it closes. HTTP/2 upstreams do not go through the hyper-util pool because its pool
+/// key is the URI authority, and the authority an HTTP/2 upstream must see is the
+/// client's host (`:authority`), not the endpoint address.
+#[derive(Debug)]
+struct H2Connection {
+    addr: String,
+    connect_timeout: std::time::Duration,
+    sender: std::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Body>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+fn connect_error(e: impl Into<BoxError>) -> UpstreamError {
+    UpstreamError {
+        kind: UpstreamErrorKind::Connect,
+        source: e.into(),
+    }
+}
+
+impl H2Connection {
+    fn current(&self) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+        let guard = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<hyper::client::conn::http2::SendRequest<Body>, UpstreamError> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        // One connect at a time; the others wait and share it.
+        let _connecting = self.connecting.lock().await;
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.addr),
+        )
+        .await
+        .map_err(|_| connect_error(format!("connect to {} timed out", self.addr)))?
+        .map_err(|e| connect_error(format!("connect to {}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(connect_error)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        req: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        let mut sender = self.sender().await?;
+        // A connection that went away before the request was handed over sent nothing.
+        sender.ready().await.map_err(connect_error)?;
+        sender.send_request(req).await.map_err(|e| UpstreamError {
+            kind: UpstreamErrorKind::Reset,
+            source: Box::new(e),
+        })
+    }
 }
 
 impl Upstream {
@@ -78,6 +153,14 @@ impl Upstream {
                 Ok(Endpoint {
                     authority: e.parse::<Authority>()?,
                     label: Arc::from(e.as_str()),
+                    h2: http2.then(|| {
+                        Arc::new(H2Connection {
+                            addr: e.clone(),
+                            connect_timeout: cfg.connect_timeout.0,
+                            sender: std::sync::Mutex::new(None),
+                            connecting: tokio::sync::Mutex::new(()),
+                        })
+                    }),
                 })
             })
             .collect::<Result<Vec<_>, BoxError>>()?;
@@ -159,8 +242,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+fn headers_host_authority(h: &HeaderMap) -> Option<Authority> {
+    h.get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Authority>().ok())
+}
+
 fn prepare(req: &mut Request<Body>, endpoint: &Endpoint, http2: bool) -> Result<(), BoxError> {
     let client = req.extensions().get::<ClientAddr>().copied();
+    let attempt = req.extensions().get::<Attempt>().map(|a| a.0).unwrap_or(1);
     let authority = req.uri().authority().cloned();
     let path_and_query = req.uri().path_and_query().cloned();
     let headers = req.headers_mut();
@@ -189,13 +279,20 @@ fn prepare(req: &mut Request<Body>, endpoint: &Endpoint, http2: bool) -> Result<
         }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if !headers.contains_key(&ATTEMPT) {
-        headers.insert(ATTEMPT.clone(), HeaderValue::from_static("1"));
-    }
+    // Always ours: a client must not choose the attempt number the upstream sees.
+    headers.insert(ATTEMPT.clone(), HeaderValue::from(attempt));
 
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(endpoint.authority.clone());
+    parts.authority = Some(if http2 {
+        // HTTP/2 carries the host as :authority; a differing Host header would make the
+        // request malformed (RFC 9113 section 8.3.1), so the host moves there.
+        let host = headers_host_authority(req.headers()).or(authority);
+        req.headers_mut().remove(header::HOST);
+        host.unwrap_or_else(|| endpoint.authority.clone())
+    } else {
+        endpoint.authority.clone()
+    });
     parts.path_and_query =
         Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
     *req.uri_mut() = Uri::from_parts(parts)?;
@@ -227,11 +324,50 @@ impl Service<Request<Body>> for UpstreamService {
                 })),
             };
         }
+        let fut = match &endpoint.h2 {
+            Some(conn) => SendFut::H2 {
+                fut: Box::pin(conn.clone().send(req)),
+            },
+            None => SendFut::H1 {
+                fut: self.upstream.client.request(req),
+            },
+        };
         UpstreamFuture::Sending {
-            fut: self.upstream.client.request(req),
+            fut,
             endpoint: endpoint.label.clone(),
             prefetch,
             held: None,
+        }
+    }
+}
+
+type H2Future =
+    Pin<Box<dyn Future<Output = Result<Response<hyper::body::Incoming>, UpstreamError>> + Send>>;
+
+pin_project! {
+    /// Sending through the HTTP/1.1 pool or an HTTP/2 connection.
+    #[project = SendProj]
+    pub enum SendFut {
+        /// hyper-util's pooled HTTP/1.1 client.
+        H1 { #[pin] fut: ClientFuture },
+        /// An endpoint's HTTP/2 connection.
+        H2 { fut: H2Future },
+    }
+}
+
+impl Future for SendFut {
+    type Output = Result<Response<hyper::body::Incoming>, UpstreamError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SendProj::H1 { fut } => fut.poll(cx).map_err(|e| UpstreamError {
+                kind: if e.is_connect() {
+                    UpstreamErrorKind::Connect
+                } else {
+                    UpstreamErrorKind::Reset
+                },
+                source: Box::new(e),
+            }),
+            SendProj::H2 { fut } => fut.as_mut().poll(cx),
         }
     }
 }
@@ -243,7 +379,7 @@ pin_project! {
         /// The request is on its way.
         Sending {
             #[pin]
-            fut: ClientFuture,
+            fut: SendFut,
             endpoint: Arc<str>,
             prefetch: bool,
             held: Option<(http::response::Parts, hyper::body::Incoming)>,
@@ -310,17 +446,7 @@ impl Future for UpstreamFuture {
             let res = match fut.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(res)) => res,
-                Poll::Ready(Err(e)) => {
-                    let kind = if e.is_connect() {
-                        UpstreamErrorKind::Connect
-                    } else {
-                        UpstreamErrorKind::Reset
-                    };
-                    return Poll::Ready(Err(Box::new(UpstreamError {
-                        kind,
-                        source: Box::new(e),
-                    })));
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Box::new(e))),
             };
             let (parts, body) = res.into_parts();
             if !*prefetch || grpc::status(&parts.headers).is_some() || body.is_end_stream() {
@@ -396,10 +522,12 @@ mod tests {
         let ep = Endpoint {
             authority: "127.0.0.1:9000".parse().unwrap(),
             label: Arc::from("127.0.0.1:9000"),
+            h2: None,
         };
         let mut req = Request::builder()
             .uri("/a?b=1")
             .header("host", "api.example.com")
+            .header("x-breakwater-attempt", "7")
             .header("x-forwarded-for", "10.0.0.1")
             .body(Body::Empty)
             .unwrap();

@@ -258,7 +258,7 @@ impl Metrics {
         );
         // Present from the start, so a dashboard shows 0 rather than "no data".
         for result in ["success", "failure"] {
-            m.config_reloads.get_or_create(&ResultLabels { result });
+            let _ = m.config_reloads.get_or_create(&ResultLabels { result });
         }
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         build_info
