@@ -30,7 +30,7 @@ use crate::error::BoxError;
 use crate::proxy::server::{serve_listener, ListenerSettings};
 use crate::proxy::{Routers, Shared};
 use crate::telemetry::metrics::ResultLabels;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Tracing};
 
 /// A proxy with its sockets bound, ready to run.
 #[derive(Debug)]
@@ -45,7 +45,8 @@ impl Server {
     /// served until [`Server::run`].
     pub async fn bind(loaded: Loaded) -> Result<Server, BoxError> {
         let metrics = Arc::new(Metrics::new());
-        let routers = Routers::build(&loaded, None, &metrics)?;
+        let tracing = Tracing::from_config(&loaded.config.telemetry)?;
+        let routers = Routers::build(&loaded, None, &metrics, &tracing)?;
         let mut listeners = Vec::new();
         for (i, l) in loaded.config.listeners.iter().enumerate() {
             let sock = TcpListener::bind(&l.address.value).await.map_err(|e| {
@@ -62,10 +63,12 @@ impl Server {
             .map_err(|e| format!("cannot listen on admin address {admin_addr}: {e}"))?;
         let shared = Arc::new(Shared {
             metrics,
+            tracing,
             routers: ArcSwap::from_pointee(routers),
             loaded: ArcSwap::from_pointee(loaded),
             draining: Default::default(),
             started: std::time::Instant::now(),
+            hard_stop: CancellationToken::new(),
         });
         Ok(Server {
             shared,
@@ -148,10 +151,17 @@ impl Server {
                 connections = tracker.len(),
                 "drain timeout reached; closing the remaining connections"
             );
+            self.shared.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
         }
         watcher.abort();
         admin_stop.cancel();
         let _ = admin_task.await;
+        // Send the spans still queued; a dead collector cannot hold the exit up.
+        self.shared
+            .tracing
+            .shutdown(telemetry::tracing::SHUTDOWN_TIMEOUT)
+            .await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -214,7 +224,7 @@ fn reload_inner(shared: &Shared) -> Result<ReloadReport, ReloadError> {
     let old = shared.loaded.load_full();
     let new = config::load(&old.path).map_err(ReloadError::Config)?;
     let old_routers = shared.routers.load_full();
-    let built = Routers::build(&new, Some(&old_routers), &shared.metrics)
+    let built = Routers::build(&new, Some(&old_routers), &shared.metrics, &shared.tracing)
         .map_err(|e| ReloadError::Build(e.to_string()))?;
 
     // Running listeners keep their positions; their routes come from the new config.
@@ -259,6 +269,9 @@ fn reload_inner(shared: &Shared) -> Result<ReloadReport, ReloadError> {
     }
     if new.config.admin.address.value != old.config.admin.address.value {
         needs_restart.push("admin.address changed (restart to apply)".into());
+    }
+    if new.config.telemetry.tracing != old.config.telemetry.tracing {
+        needs_restart.push("telemetry.tracing changed (restart to apply)".into());
     }
     let routes = listeners.iter().map(|l| l.routes.len()).sum();
     shared.routers.store(Arc::new(Routers { listeners }));

@@ -368,11 +368,18 @@ pub fn validate(
                 Some("use a number from 0 to 1"),
             );
         }
-        if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
+        if t.otlp_endpoint.starts_with("https://") {
             errs.push(
                 (0, 0),
                 "telemetry.tracing.otlp_endpoint".into(),
-                format!("{:?} is not an http(s) URL", t.otlp_endpoint),
+                "https collector endpoints need TLS, which this build does not have".into(),
+                Some("use an http:// endpoint, e.g. a collector sidecar on http://127.0.0.1:4318"),
+            );
+        } else if !t.otlp_endpoint.starts_with("http://") {
+            errs.push(
+                (0, 0),
+                "telemetry.tracing.otlp_endpoint".into(),
+                format!("{:?} is not an http URL", t.otlp_endpoint),
                 Some("write it like http://127.0.0.1:4318"),
             );
         }

@@ -112,7 +112,6 @@ impl Body {
     }
 }
 
-#[allow(clippy::derivable_impls)] // pin_project! enums cannot carry #[default]
 impl Body {
     /// Ends this body at `deadline`: with `grpc-status: 4` trailers for gRPC, else
     /// with an error that aborts the stream. `fired` counts it.
@@ -131,6 +130,7 @@ impl Body {
     }
 }
 
+#[allow(clippy::derivable_impls)] // pin_project! enums cannot carry #[default]
 impl Default for Body {
     fn default() -> Self {
         Body::Empty

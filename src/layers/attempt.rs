@@ -2,7 +2,8 @@
 //! (`breakwater_upstream_attempts_total` by outcome) and the `grpc-timeout` the upstream
 //! is given (the time actually left of the whole-request or per-try deadline). The
 //! innermost layer, right above the upstream client, so every attempt (first or retry)
-//! passes through it and the breaker above sees a per-try timeout as an error.
+//! passes through it and the breaker above sees a per-try timeout as an error. Each
+//! attempt also gets its trace span and the upstream's `traceparent` (see [`super::trace`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use super::classify::{Conditions, Outcome};
+use super::trace::{AttemptSpan, AttemptTrace};
 use crate::error::{BoxError, Elapsed, TimeoutKind};
 use crate::http::{grpc, Body, Deadline};
 use crate::telemetry::metrics::{AttemptLabels, Metrics, TimeoutLabels};
@@ -30,6 +32,7 @@ struct Shared {
     timeout: Counter,
     connect_error: Counter,
     per_try_fired: Counter,
+    trace: AttemptTrace,
 }
 
 /// Per-try timeout and attempt accounting.
@@ -73,6 +76,7 @@ impl AttemptLayer {
                         kind: "per_try",
                     })
                     .clone(),
+                trace: AttemptTrace::new(upstream),
             }),
         }
     }
@@ -122,7 +126,9 @@ where
                     .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
             }
         }
+        let span = self.shared.trace.start(&mut req);
         ResponseFuture {
+            span,
             inner: self.inner.call(req),
             sleep: per_try_deadline.map(tokio::time::sleep_until),
             guard: Guard {
@@ -178,6 +184,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         guard: Guard,
+        span: Option<AttemptSpan>,
     }
 }
 
@@ -190,16 +197,23 @@ where
         let this = self.project();
         if let Poll::Ready(r) = this.inner.poll(cx) {
             this.guard.record(Outcome::of(&r));
+            if let Some(span) = this.span.take() {
+                span.finish(&r);
+            }
             return Poll::Ready(r);
         }
         if let Some(sleep) = this.sleep.as_pin_mut() {
             if sleep.poll(cx).is_ready() {
                 this.guard.shared.per_try_fired.inc();
                 this.guard.record(Outcome::Timeout(TimeoutKind::PerTry));
-                return Poll::Ready(Err(Elapsed {
+                let r = Err(Elapsed {
                     kind: TimeoutKind::PerTry,
                 }
-                .into()));
+                .into());
+                if let Some(span) = this.span.take() {
+                    span.finish(&r);
+                }
+                return Poll::Ready(r);
             }
         }
         Poll::Pending

@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 use crate::error::{BoxError, ErrorKind};
 use crate::http::{grpc, synthetic, Attempt, Body, ClientAddr};
 use crate::telemetry::metrics::{ListenerRouteLabels, Metrics, RequestCounters, RouteLabels};
+use crate::telemetry::tracing::{TraceCtx, TraceId};
 
 /// The upstream endpoint that answered, put in response extensions by the client.
 #[derive(Debug, Clone)]
@@ -113,6 +114,7 @@ pub struct RouteMetrics<S> {
 struct LogInfo {
     uri: Uri,
     client: Option<ClientAddr>,
+    trace_id: Option<TraceId>,
 }
 
 impl<S> Service<Request<Body>> for RouteMetrics<S>
@@ -135,6 +137,7 @@ where
             Box::new(LogInfo {
                 uri: req.uri().clone(),
                 client: req.extensions().get::<ClientAddr>().copied(),
+                trace_id: req.extensions().get::<TraceCtx>().map(|t| t.trace_id()),
             })
         });
         ResponseFuture {
@@ -230,6 +233,7 @@ where
                 upstream = %endpoint.as_deref().unwrap_or("-"),
                 reason = reason.unwrap_or("-"),
                 proxy_status = %proxy_status.as_deref().unwrap_or("-"),
+                trace_id = %info.trace_id.unwrap_or(TraceId::INVALID),
                 "request"
             );
         }

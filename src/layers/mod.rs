@@ -1,6 +1,6 @@
 //! The resilience layers, one module each, each a tower `Layer` + `Service` over
 //! `Request<Body>` / `Response<Body>` / `BoxError`. Per route, outermost first:
-//! metrics -> fallback -> rate_limit -> concurrency_limit -> timeout -> retry ->
+//! trace -> metrics -> fallback -> rate_limit -> concurrency_limit -> timeout -> retry ->
 //! circuit_breaker -> attempt (per-try timeout) -> upstream. Each rejects in `call`
 //! (never parks in `poll_ready`), so a refused request is answered at once.
 
@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
+pub mod trace;

@@ -352,14 +352,9 @@ mod tests {
     }
 
     type Handle = mock::Handle<Request<Body>, Response<Body>>;
+    type Spawned = mock::Spawn<Retry<mock::Mock<Request<Body>, Response<Body>>>>;
 
-    fn spawn(
-        cfg: &RetryConfig,
-        m: &Metrics,
-    ) -> (
-        mock::Spawn<Retry<mock::Mock<Request<Body>, Response<Body>>>>,
-        Handle,
-    ) {
+    fn spawn(cfg: &RetryConfig, m: &Metrics) -> (Spawned, Handle) {
         let policy = RetryPolicy::new("r", cfg, m);
         mock::spawn_layer(RetryLayer::new(policy))
     }

@@ -191,15 +191,18 @@ impl Upstream {
 #[derive(Debug, Clone)]
 pub struct UpstreamService {
     upstream: Arc<Upstream>,
+    /// Removed from the path before forwarding (`strip_prefix`).
+    strip_prefix: Option<Arc<str>>,
     /// Read gRPC trailers ahead, for routes whose retry or breaker conditions name gRPC codes.
     classify_grpc: bool,
 }
 
 impl UpstreamService {
     /// A service sending to `upstream`.
-    pub fn new(upstream: Arc<Upstream>, classify_grpc: bool) -> Self {
+    pub fn new(upstream: Arc<Upstream>, classify_grpc: bool, strip_prefix: Option<&str>) -> Self {
         UpstreamService {
             upstream,
+            strip_prefix: strip_prefix.map(Arc::from),
             classify_grpc,
         }
     }
@@ -248,11 +251,21 @@ fn headers_host_authority(h: &HeaderMap) -> Option<Authority> {
         .and_then(|v| v.parse::<Authority>().ok())
 }
 
-fn prepare(req: &mut Request<Body>, endpoint: &Endpoint, http2: bool) -> Result<(), BoxError> {
+fn prepare(
+    req: &mut Request<Body>,
+    endpoint: &Endpoint,
+    http2: bool,
+    strip_prefix: Option<&str>,
+) -> Result<(), BoxError> {
     let client = req.extensions().get::<ClientAddr>().copied();
     let attempt = req.extensions().get::<Attempt>().map(|a| a.0).unwrap_or(1);
     let authority = req.uri().authority().cloned();
-    let path_and_query = req.uri().path_and_query().cloned();
+    let mut path_and_query = req.uri().path_and_query().cloned();
+    if let (Some(prefix), Some(pq)) = (strip_prefix, &path_and_query) {
+        if let Some(stripped) = super::router::strip_path(pq, prefix) {
+            path_and_query = Some(stripped);
+        }
+    }
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
 
@@ -316,7 +329,12 @@ impl Service<Request<Body>> for UpstreamService {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let endpoint = self.upstream.pick();
         let prefetch = self.classify_grpc && grpc::is_grpc(req.headers());
-        if let Err(e) = prepare(&mut req, endpoint, self.upstream.http2) {
+        if let Err(e) = prepare(
+            &mut req,
+            endpoint,
+            self.upstream.http2,
+            self.strip_prefix.as_deref(),
+        ) {
             return UpstreamFuture::Failed {
                 err: Some(Box::new(UpstreamError {
                     kind: UpstreamErrorKind::Connect,
@@ -533,7 +551,7 @@ mod tests {
             .unwrap();
         req.extensions_mut()
             .insert(ClientAddr("192.0.2.7:5555".parse().unwrap()));
-        prepare(&mut req, &ep, false).unwrap();
+        prepare(&mut req, &ep, false, None).unwrap();
         assert_eq!(req.uri(), "http://127.0.0.1:9000/a?b=1");
         let h = req.headers();
         assert_eq!(h["host"], "api.example.com");
@@ -548,7 +566,7 @@ mod tests {
             .version(Version::HTTP_2)
             .body(Body::Empty)
             .unwrap();
-        prepare(&mut req, &ep, false).unwrap();
+        prepare(&mut req, &ep, false, None).unwrap();
         assert_eq!(req.headers()["host"], "shop.example:8080");
         assert_eq!(req.version(), Version::HTTP_11);
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Loaded;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Tracing};
 pub use route::{Router, Routers};
 
 /// State shared by the listeners and the admin endpoints.
@@ -20,6 +20,8 @@ pub use route::{Router, Routers};
 pub struct Shared {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Trace export (or propagation only); fixed for the life of the process.
+    pub tracing: Tracing,
     /// The routers in force; swapped whole on reload.
     pub routers: ArcSwap<Routers>,
     /// The config in force.
@@ -28,4 +30,6 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// When the process started serving.
     pub started: std::time::Instant,
+    /// Fired when the drain timeout runs out: remaining connections are dropped.
+    pub hard_stop: tokio_util::sync::CancellationToken,
 }

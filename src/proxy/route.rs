@@ -25,7 +25,8 @@ use crate::layers::metrics::{MetricsLayer, RouteStats};
 use crate::layers::rate_limit::{Limiter, RateLimitLayer};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
 use crate::layers::timeout::TimeoutLayer;
-use crate::telemetry::Metrics;
+use crate::layers::trace::TraceLayer;
+use crate::telemetry::{Metrics, Tracing};
 
 /// Every route's service has this one shape.
 pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
@@ -98,6 +99,7 @@ impl Routers {
         loaded: &Loaded,
         prev: Option<&Routers>,
         metrics: &Metrics,
+        tracing: &Tracing,
     ) -> Result<Routers, BoxError> {
         let access_log = loaded.config.telemetry.access_log;
         let mut upstreams = HashMap::new();
@@ -126,6 +128,7 @@ impl Routers {
                 upstream,
                 old.get(spec.name.as_str()).copied(),
                 metrics,
+                tracing,
                 access_log,
             );
             if let Some(l) = listeners.iter_mut().find(|l| l.listener == spec.listener) {
@@ -155,6 +158,7 @@ pub fn build_route(
     upstream: Arc<Upstream>,
     prev: Option<&Route>,
     metrics: &Metrics,
+    tracing: &Tracing,
     access_log: bool,
 ) -> Route {
     let name = spec.name.as_str();
@@ -210,7 +214,9 @@ pub fn build_route(
         .map(|d| d.0);
 
     let stack = ServiceBuilder::new()
-        // Outermost: sees every response and every error exactly as the client will.
+        // Outermost: continues the client's trace; the server span covers everything.
+        .layer(TraceLayer::new(tracing, &spec.listener, name))
+        // Sees every response and every error exactly as the client will.
         .layer(MetricsLayer::new(state.stats.clone(), access_log))
         // Outside the limiters, so their refusals can be replaced too.
         .option_layer(
@@ -233,7 +239,11 @@ pub fn build_route(
             Conditions::new(&failure),
             metrics,
         ))
-        .service(UpstreamService::new(upstream, classify_grpc));
+        .service(UpstreamService::new(
+            upstream,
+            classify_grpc,
+            spec.strip_prefix.as_deref(),
+        ));
 
     Route {
         spec: spec.clone(),
@@ -255,7 +265,7 @@ pub fn describe(loaded: &Loaded) -> String {
                 let _ = writeln!(out, "    strip_prefix: {p}");
             }
             let _ = writeln!(out, "    stack (outermost first):");
-            let _ = writeln!(out, "      metrics");
+            let _ = writeln!(out, "      metrics + trace");
             if let Some(f) = &r.fallback {
                 let when: Vec<_> = f
                     .when

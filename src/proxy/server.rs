@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service as _;
 
-use super::router;
 use super::Shared;
 use crate::config::{ListenerConfig, Protocol};
 use crate::error::{BoxError, ErrorKind};
@@ -146,6 +145,7 @@ async fn serve_connection(
         last: AtomicU64::new(0),
         epoch: Instant::now(),
     });
+    let shared_hard_stop = shared.hard_stop.clone();
     let svc = ConnService {
         shared,
         index: settings.index,
@@ -170,6 +170,10 @@ async fn serve_connection(
             _ = shutdown.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+            }
+            _ = shared_hard_stop.cancelled() => {
+                // The drain timeout ran out: drop the connection and what is left on it.
+                break;
             }
             _ = tick.tick(), if !closing => {
                 if activity.idle_for().is_some_and(|d| d >= idle) {
@@ -203,12 +207,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let guard = ActiveGuard(self.activity.clone());
         let routers = self.shared.routers.load();
         let inner = match routers.listeners.get(self.index).and_then(|r| r.find(&req)) {
-            Some(route) => {
-                if let Some(p) = &route.spec.strip_prefix {
-                    router::strip_prefix(&mut req, p);
-                }
-                Inner::Route(route.service.clone().call(req))
-            }
+            Some(route) => Inner::Route(route.service.clone().call(req)),
             None => Inner::Failed(Some(Box::new(crate::error::NoRoute))),
         };
         RescueFuture {

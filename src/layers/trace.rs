@@ -1,0 +1,733 @@
+//! Distributed tracing of a route: the outermost layer of every route stack (just
+//! outside metrics) reads the client's W3C `traceparent`, starts the request's SERVER
+//! span when spans are exported (and the sampler keeps the trace), and puts a
+//! [`TraceCtx`] in the request extensions. When the request ends it records the status
+//! and what the inner layers did, read from the outcome: a refusal or failure by its
+//! [`ErrorKind`] (`rate_limited`, `circuit_open`, `overloaded`, `timeout`,
+//! `upstream_unavailable`), a fallback answer by its `Proxy-Status`, and the number of
+//! attempts from the response's [`Attempt`].
+//!
+//! [`AttemptTrace`] is used by the attempt layer (the innermost one): each upstream
+//! attempt gets a CLIENT span under the server span (`breakwater.attempt` = n, and a
+//! `retry` event on the server span from the second attempt on), and the upstream
+//! receives a `traceparent` whose parent is that attempt span. With export off (or the
+//! trace not sampled) the attempt gets a fresh, unexported span id instead, so the
+//! upstream still continues the client's trace. `tracestate` is passed through as the
+//! client sent it (dropped with a malformed or missing `traceparent`, as W3C asks).
+//!
+//! Spans end when the response head is ready; the body streams on afterwards.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use http::{Method, Request, Response, Version};
+use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue, StringValue, Value};
+use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::metrics::UpstreamEndpoint;
+use crate::error::{BoxError, ErrorKind};
+use crate::http::synthetic::{self, PROXY_STATUS};
+use crate::http::{grpc, Attempt, Body, ClientAddr};
+use crate::telemetry::tracing::{
+    format_traceparent, parse_traceparent, random_span_id, remote_parent, Parent, Recording,
+    TraceCtx, Tracing, TRACEPARENT, TRACESTATE,
+};
+
+/// The name of every upstream attempt span.
+pub const ATTEMPT_SPAN: &str = "upstream attempt";
+
+/// Route-level data of the server spans, resolved when the route is built.
+#[derive(Debug)]
+struct RouteTrace {
+    tracer: SdkTracer,
+    route: StringValue,
+    listener: StringValue,
+}
+
+/// Continues or starts the trace of each request of one route.
+#[derive(Debug, Clone)]
+pub struct TraceLayer {
+    route: Option<Arc<RouteTrace>>,
+}
+
+impl TraceLayer {
+    /// A layer for one route; records spans only when `tracing` exports them.
+    pub fn new(tracing: &Tracing, listener: &str, route: &str) -> Self {
+        TraceLayer {
+            route: tracing.tracer().map(|t| {
+                Arc::new(RouteTrace {
+                    tracer: t.clone(),
+                    route: StringValue::from(Arc::<str>::from(route)),
+                    listener: StringValue::from(Arc::<str>::from(listener)),
+                })
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceService {
+            inner,
+            route: self.route.clone(),
+        }
+    }
+}
+
+/// The trace service.
+#[derive(Debug, Clone)]
+pub struct TraceService<S> {
+    inner: S,
+    route: Option<Arc<RouteTrace>>,
+}
+
+impl<S> Service<Request<Body>> for TraceService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let parent = parse_traceparent(req.headers());
+        if parent.is_none() && req.headers().contains_key(&TRACESTATE) {
+            req.headers_mut().remove(&TRACESTATE);
+        }
+        let (ctx, span) = match &self.route {
+            None => (TraceCtx::unrecorded(parent), None),
+            Some(rt) => rt.start(&req, parent),
+        };
+        req.extensions_mut().insert(ctx);
+        ResponseFuture {
+            is_grpc: span.is_some() && grpc::is_grpc(req.headers()),
+            inner: self.inner.call(req),
+            span: ServerSpan(span),
+        }
+    }
+}
+
+impl RouteTrace {
+    fn start(&self, req: &Request<Body>, parent: Option<Parent>) -> (TraceCtx, Option<Context>) {
+        let parent_cx = match &parent {
+            Some(p) => remote_parent(p, req.headers()),
+            None => Context::new(),
+        };
+        let method = req.method();
+        let mut attrs = Vec::with_capacity(12);
+        attrs.push(KeyValue::new("http.request.method", method_value(method)));
+        attrs.push(KeyValue::new("http.route", self.route.clone()));
+        attrs.push(KeyValue::new("url.path", req.uri().path().to_string()));
+        attrs.push(KeyValue::new(
+            "url.scheme",
+            if req.uri().scheme_str() == Some("https") {
+                "https"
+            } else {
+                "http"
+            },
+        ));
+        attrs.push(KeyValue::new(
+            "network.protocol.version",
+            version_str(req.version()),
+        ));
+        let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        if let Some((host, port)) = authority.and_then(split_host_port) {
+            attrs.push(KeyValue::new("server.address", host.to_string()));
+            if let Some(port) = port {
+                attrs.push(KeyValue::new("server.port", i64::from(port)));
+            }
+        }
+        if let Some(c) = req.extensions().get::<ClientAddr>() {
+            attrs.push(KeyValue::new("client.address", c.0.ip().to_string()));
+            attrs.push(KeyValue::new("client.port", i64::from(c.0.port())));
+        }
+        if let Some(ua) = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            attrs.push(KeyValue::new("user_agent.original", ua.to_string()));
+        }
+        attrs.push(KeyValue::new("breakwater.listener", self.listener.clone()));
+        let builder = SpanBuilder::from_name(format!("{method} {}", self.route.as_str()))
+            .with_kind(SpanKind::Server)
+            .with_attributes(attrs);
+        let span = self.tracer.build_with_context(builder, &parent_cx);
+        let sc = span.span_context().clone();
+        if !span.is_recording() {
+            return (TraceCtx::new(&sc, parent, None), None);
+        }
+        let cx = Context::new().with_span(span);
+        let rec = Recording {
+            cx: cx.clone(),
+            tracer: self.tracer.clone(),
+        };
+        (TraceCtx::new(&sc, parent, Some(rec)), Some(cx))
+    }
+}
+
+/// The server span of a request in flight; ended as cancelled if the request is
+/// dropped before it completes (the client went away).
+struct ServerSpan(Option<Context>);
+
+impl Drop for ServerSpan {
+    fn drop(&mut self) {
+        if let Some(cx) = self.0.take() {
+            let span = cx.span();
+            span.set_status(Status::error("request cancelled"));
+            span.set_attribute(KeyValue::new("error.type", "cancelled"));
+            span.end();
+        }
+    }
+}
+
+impl ServerSpan {
+    fn finish(&mut self, result: &Result<Response<Body>, BoxError>, is_grpc: bool) {
+        let Some(cx) = self.0.take() else { return };
+        let span = cx.span();
+        match result {
+            Ok(res) => {
+                let status = res.status().as_u16();
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                if let Some(a) = res.extensions().get::<Attempt>() {
+                    span.set_attribute(KeyValue::new("breakwater.attempts", i64::from(a.0)));
+                }
+                if let Some(code) = grpc::status(res.headers()) {
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                }
+                if let Some(reason) = fallback_reason(res) {
+                    if let Some(r) = refusal(reason) {
+                        span.add_event(r, Vec::new());
+                    }
+                    span.add_event(
+                        "fallback",
+                        vec![KeyValue::new("breakwater.reason", reason.to_string())],
+                    );
+                }
+                if status >= 500 {
+                    span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                    span.set_status(Status::error(""));
+                }
+            }
+            Err(e) => {
+                let kind = ErrorKind::of_box(e);
+                let http = synthetic::http_status(kind);
+                let status = if is_grpc { 200 } else { http.as_u16() };
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                if is_grpc {
+                    span.set_attribute(KeyValue::new(
+                        "rpc.grpc.status_code",
+                        i64::from(synthetic::grpc_code(kind)),
+                    ));
+                }
+                span.set_attribute(KeyValue::new("error.type", kind.reason()));
+                let attrs = match kind {
+                    ErrorKind::RateLimited(rl) => vec![KeyValue::new(
+                        "breakwater.retry_after_ms",
+                        i64::try_from(rl.retry_after.as_millis()).unwrap_or(i64::MAX),
+                    )],
+                    _ => Vec::new(),
+                };
+                span.add_event(kind.reason(), attrs);
+                // As the semantic conventions ask of server spans: 4xx is the client's doing.
+                if http.is_server_error() {
+                    span.set_status(Status::error(e.to_string()));
+                }
+            }
+        }
+        span.end();
+    }
+}
+
+/// The reason of a fallback answer (its `Proxy-Status` names breakwater; inside the
+/// route stack, only the fallback layer makes such responses).
+fn fallback_reason(res: &Response<Body>) -> Option<&str> {
+    let v = res.headers().get(&PROXY_STATUS)?.to_str().ok()?;
+    let rest = v.strip_prefix("breakwater")?;
+    let start = rest.find("details=\"")? + "details=\"".len();
+    let len = rest[start..].find('"')?;
+    Some(&rest[start..start + len])
+}
+
+/// The event name of a refusal the fallback layer replaced.
+fn refusal(reason: &str) -> Option<&'static str> {
+    Some(match reason {
+        "rate_limited" => "rate_limited",
+        "circuit_open" => "circuit_open",
+        "overloaded" => "overloaded",
+        "timeout" => "timeout",
+        "upstream_unavailable" => "upstream_unavailable",
+        _ => return None,
+    })
+}
+
+pin_project! {
+    /// Response future of [`TraceService`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        span: ServerSpan,
+        is_grpc: bool,
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        this.span.finish(&result, *this.is_grpc);
+        Poll::Ready(result)
+    }
+}
+
+/// Per-route attempt tracing, held by the attempt layer.
+#[derive(Debug, Clone)]
+pub struct AttemptTrace {
+    upstream: StringValue,
+}
+
+impl AttemptTrace {
+    /// For attempts sent to the upstream cluster `upstream`.
+    pub fn new(upstream: &str) -> Self {
+        AttemptTrace {
+            upstream: StringValue::from(Arc::<str>::from(upstream)),
+        }
+    }
+
+    /// Starts one attempt: writes the upstream's `traceparent` (parent: the attempt
+    /// span, or a fresh unexported span id) and returns the span to finish when the
+    /// attempt ends, if it is recorded. Does nothing for a request the trace layer
+    /// did not see.
+    pub fn start<B>(&self, req: &mut Request<B>) -> Option<AttemptSpan> {
+        let ctx = req.extensions().get::<TraceCtx>()?;
+        let trace_id = ctx.trace_id();
+        let (span_id, sampled, span) = match ctx.recording() {
+            None => (random_span_id(), ctx.is_sampled(), None),
+            Some(rec) => {
+                let n = req.extensions().get::<Attempt>().map_or(1, |a| a.0);
+                let span = self.start_span(rec, req.method(), n);
+                let sc = span.span_context();
+                (sc.span_id(), sc.is_sampled(), Some(span))
+            }
+        };
+        req.headers_mut().insert(
+            TRACEPARENT.clone(),
+            format_traceparent(trace_id, span_id, sampled),
+        );
+        span.map(|s| AttemptSpan(Some(s)))
+    }
+
+    fn start_span(&self, rec: &Recording, method: &Method, n: u32) -> SdkSpan {
+        if n > 1 {
+            rec.cx.span().add_event(
+                "retry",
+                vec![KeyValue::new("breakwater.attempt", i64::from(n))],
+            );
+        }
+        let attrs = vec![
+            KeyValue::new("breakwater.attempt", i64::from(n)),
+            KeyValue::new("breakwater.upstream", self.upstream.clone()),
+            KeyValue::new("http.request.method", method_value(method)),
+        ];
+        let builder = SpanBuilder::from_name(ATTEMPT_SPAN)
+            .with_kind(SpanKind::Client)
+            .with_attributes(attrs);
+        rec.tracer.build_with_context(builder, &rec.cx)
+    }
+}
+
+/// The span of one upstream attempt; ended as cancelled if the attempt is dropped
+/// unfinished (the whole-request deadline cut it short, or the client went away).
+#[derive(Debug)]
+pub struct AttemptSpan(Option<SdkSpan>);
+
+impl AttemptSpan {
+    /// Records the attempt's outcome and ends the span.
+    pub fn finish(mut self, result: &Result<Response<Body>, BoxError>) {
+        let Some(mut span) = self.0.take() else {
+            return;
+        };
+        match result {
+            Ok(res) => {
+                let status = res.status().as_u16();
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                if let Some(ep) = res.extensions().get::<UpstreamEndpoint>() {
+                    if let Some((host, port)) = split_host_port(&ep.0) {
+                        span.set_attribute(KeyValue::new("server.address", host.to_string()));
+                        if let Some(port) = port {
+                            span.set_attribute(KeyValue::new("server.port", i64::from(port)));
+                        }
+                    }
+                }
+                if let Some(code) = grpc::status(res.headers()) {
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                }
+                if status >= 500 {
+                    span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                    span.set_status(Status::error(""));
+                }
+            }
+            Err(e) => {
+                span.set_attribute(KeyValue::new("error.type", ErrorKind::of_box(e).reason()));
+                span.set_status(Status::error(e.to_string()));
+            }
+        }
+        span.end();
+    }
+}
+
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.0.take() {
+            span.set_attribute(KeyValue::new("error.type", "cancelled"));
+            span.set_status(Status::error("attempt cancelled"));
+            span.end();
+        }
+    }
+}
+
+fn method_value(m: &Method) -> Value {
+    let known = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        // The conventions' word for a method outside the known set (bounded cardinality).
+        _ => "_OTHER",
+    };
+    Value::from(known)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// `host[:port]` or `[v6]:port` into host and port.
+fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    if s.is_empty() {
+        return None;
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let port = rest[end + 1..]
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok());
+        return Some((&rest[..end], port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h, p.parse().ok())),
+        Some(_) => Some((s, None)),
+        None => Some((s, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::CircuitOpen;
+    use crate::telemetry::tracing::{parse_traceparent_value, SpanId};
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+    use std::sync::Mutex;
+    use tower_test::mock;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[derive(Debug, Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Collect {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    fn exporting(sampler: Sampler) -> (Tracing, Collect) {
+        let c = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(c.clone())
+            .with_sampler(sampler)
+            .build();
+        (Tracing::from_provider(provider), c)
+    }
+
+    fn spans(c: &Collect) -> Vec<SpanData> {
+        c.0.lock().unwrap().clone()
+    }
+
+    fn attr(s: &SpanData, key: &str) -> Option<Value> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.clone())
+    }
+
+    /// Runs one request through the trace layer; the "stack" below it stamps each of
+    /// `attempts` attempts like the attempt layer does and answers with `answer`.
+    async fn run(
+        tracing: &Tracing,
+        req: Request<Body>,
+        attempts: u32,
+        answer: Result<Response<Body>, BoxError>,
+    ) -> (Vec<Request<()>>, Result<Response<Body>, BoxError>) {
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<Body>, Response<Body>, _>(
+            TraceLayer::new(tracing, "test", "r"),
+        );
+        handle.allow(1);
+        assert!(svc.poll_ready().is_ready());
+        let fut = svc.call(req);
+        let (seen, send) = handle.next_request().await.unwrap();
+        let at = AttemptTrace::new("up");
+        let mut upstream = Vec::new();
+        for n in 1..=attempts {
+            let mut r = Request::builder()
+                .method(seen.method().clone())
+                .body(())
+                .unwrap();
+            *r.headers_mut() = seen.headers().clone();
+            *r.extensions_mut() = seen.extensions().clone();
+            r.extensions_mut().insert(Attempt(n));
+            let span = at.start(&mut r);
+            let res: Result<Response<Body>, BoxError> = if n < attempts {
+                Ok(Response::builder().status(503).body(Body::Empty).unwrap())
+            } else {
+                Ok(Response::new(Body::Empty))
+            };
+            if let Some(s) = span {
+                s.finish(&res);
+            }
+            upstream.push(r);
+        }
+        match answer {
+            Ok(mut res) => {
+                res.extensions_mut().insert(Attempt(attempts.max(1)));
+                send.send_response(res)
+            }
+            Err(e) => send.send_error(e),
+        }
+        (upstream, fut.await)
+    }
+
+    fn get(tp: Option<&str>, ts: Option<&str>) -> Request<Body> {
+        let mut b = Request::get("/orders/1").header("host", "api.example.com:8080");
+        if let Some(tp) = tp {
+            b = b.header("traceparent", tp);
+        }
+        if let Some(ts) = ts {
+            b = b.header("tracestate", ts);
+        }
+        b.body(Body::Empty).unwrap()
+    }
+
+    #[tokio::test]
+    async fn off_continues_the_client_trace_with_a_fresh_span() {
+        let ok = Ok(Response::new(Body::Empty));
+        let (up, res) = run(&Tracing::disabled(), get(Some(TP), Some("a=1,b=2")), 1, ok).await;
+        res.unwrap();
+        let tp = up[0].headers()["traceparent"].as_bytes();
+        let p = parse_traceparent_value(tp).unwrap();
+        let client = parse_traceparent_value(TP.as_bytes()).unwrap();
+        assert_eq!(p.trace_id, client.trace_id);
+        assert_ne!(p.span_id, client.span_id);
+        assert!(p.sampled);
+        assert_eq!(up[0].headers()["tracestate"], "a=1,b=2");
+        let ctx = up[0].extensions().get::<TraceCtx>().unwrap();
+        assert_eq!(ctx.trace_id(), client.trace_id);
+        assert!(ctx.recording().is_none());
+    }
+
+    #[tokio::test]
+    async fn malformed_traceparent_starts_a_new_trace_and_drops_tracestate() {
+        let bad = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+        let ok = Ok(Response::new(Body::Empty));
+        let (up, _) = run(&Tracing::disabled(), get(Some(bad), Some("a=1")), 2, ok).await;
+        let a = parse_traceparent_value(up[0].headers()["traceparent"].as_bytes()).unwrap();
+        let b = parse_traceparent_value(up[1].headers()["traceparent"].as_bytes()).unwrap();
+        assert_eq!(a.trace_id, b.trace_id, "one trace across attempts");
+        assert_ne!(a.span_id, b.span_id, "a span id per attempt");
+        assert!(up[0].headers().get("tracestate").is_none());
+    }
+
+    #[tokio::test]
+    async fn exported_spans_nest_and_carry_the_conventions() {
+        let (t, c) = exporting(Sampler::AlwaysOn);
+        let ok = Ok(Response::new(Body::Empty));
+        let (up, res) = run(&t, get(Some(TP), Some("a=1")), 2, ok).await;
+        res.unwrap();
+        let spans = spans(&c);
+        assert_eq!(spans.len(), 3);
+        let server = spans
+            .iter()
+            .find(|s| s.span_kind == SpanKind::Server)
+            .unwrap();
+        let client = parse_traceparent_value(TP.as_bytes()).unwrap();
+        assert_eq!(server.span_context.trace_id(), client.trace_id);
+        assert_eq!(server.parent_span_id, client.span_id);
+        assert!(server.parent_span_is_remote);
+        assert_eq!(server.name, "GET r");
+        assert_eq!(
+            attr(server, "http.request.method"),
+            Some(Value::from("GET"))
+        );
+        assert_eq!(attr(server, "http.route"), Some(Value::from("r")));
+        assert_eq!(attr(server, "url.path"), Some(Value::from("/orders/1")));
+        assert_eq!(
+            attr(server, "server.address"),
+            Some(Value::from("api.example.com"))
+        );
+        assert_eq!(attr(server, "server.port"), Some(Value::from(8080i64)));
+        assert_eq!(
+            attr(server, "http.response.status_code"),
+            Some(Value::from(200i64))
+        );
+        assert_eq!(attr(server, "breakwater.attempts"), Some(Value::from(2i64)));
+        assert_eq!(server.span_context.trace_state().get("a"), Some("1"));
+        let retry: Vec<_> = server.events.iter().filter(|e| e.name == "retry").collect();
+        assert_eq!(retry.len(), 1);
+
+        let attempts: Vec<_> = spans
+            .iter()
+            .filter(|s| s.span_kind == SpanKind::Client)
+            .collect();
+        assert_eq!(attempts.len(), 2);
+        for (i, a) in attempts.iter().enumerate() {
+            assert_eq!(a.name, ATTEMPT_SPAN);
+            assert_eq!(a.parent_span_id, server.span_context.span_id());
+            assert!(!a.parent_span_is_remote);
+            assert_eq!(
+                attr(a, "breakwater.attempt"),
+                Some(Value::from(i as i64 + 1))
+            );
+            let seen = parse_traceparent_value(up[i].headers()["traceparent"].as_bytes()).unwrap();
+            assert_eq!(seen.span_id, a.span_context.span_id());
+            assert_eq!(seen.trace_id, client.trace_id);
+        }
+        assert_eq!(
+            attr(attempts[0], "http.response.status_code"),
+            Some(Value::from(503i64))
+        );
+        assert!(matches!(attempts[0].status, Status::Error { .. }));
+    }
+
+    #[tokio::test]
+    async fn refusals_and_fallbacks_become_events() {
+        let (t, c) = exporting(Sampler::AlwaysOn);
+        let (_, res) = run(&t, get(None, None), 0, Err(Box::new(CircuitOpen))).await;
+        assert!(res.is_err());
+        let fallback = Response::builder()
+            .status(503)
+            .header(
+                "proxy-status",
+                "breakwater; error=connection_limit_reached; details=\"overloaded\"",
+            )
+            .body(Body::Empty)
+            .unwrap();
+        let _ = run(&t, get(None, None), 0, Ok(fallback)).await;
+        let spans = spans(&c);
+        assert_eq!(spans.len(), 2);
+        let names = |s: &SpanData| {
+            s.events
+                .iter()
+                .map(|e| e.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&spans[0]), ["circuit_open"]);
+        assert_eq!(
+            attr(&spans[0], "http.response.status_code"),
+            Some(Value::from(503i64))
+        );
+        assert_eq!(
+            attr(&spans[0], "error.type"),
+            Some(Value::from("circuit_open"))
+        );
+        assert!(matches!(spans[0].status, Status::Error { .. }));
+        assert_eq!(names(&spans[1]), ["overloaded", "fallback"]);
+        // a new trace: no parent
+        assert_eq!(spans[0].parent_span_id, SpanId::INVALID);
+    }
+
+    #[tokio::test]
+    async fn unsampled_traces_propagate_without_recording() {
+        let (t, c) = exporting(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            0.0,
+        ))));
+        let ok = || Ok(Response::new(Body::Empty));
+        let (up, _) = run(&t, get(None, None), 1, ok()).await;
+        let p = parse_traceparent_value(up[0].headers()["traceparent"].as_bytes()).unwrap();
+        assert!(!p.sampled);
+        assert!(spans(&c).is_empty());
+        // A sampled parent is always followed.
+        let (up, _) = run(&t, get(Some(TP), None), 1, ok()).await;
+        let p = parse_traceparent_value(up[0].headers()["traceparent"].as_bytes()).unwrap();
+        assert!(p.sampled);
+        assert_eq!(spans(&c).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn cancelled_requests_still_end_their_span() {
+        let (t, c) = exporting(Sampler::AlwaysOn);
+        let (mut svc, mut handle) =
+            mock::spawn_layer::<Request<Body>, Response<Body>, _>(TraceLayer::new(&t, "l", "r"));
+        handle.allow(1);
+        assert!(svc.poll_ready().is_ready());
+        let fut = svc.call(get(None, None));
+        drop(fut);
+        let spans = spans(&c);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            attr(&spans[0], "error.type"),
+            Some(Value::from("cancelled"))
+        );
+    }
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(split_host_port("a.b:80"), Some(("a.b", Some(80))));
+        assert_eq!(split_host_port("a.b"), Some(("a.b", None)));
+        assert_eq!(split_host_port("[::1]:9000"), Some(("::1", Some(9000))));
+        assert_eq!(split_host_port("::1"), Some(("::1", None)));
+        assert_eq!(split_host_port(""), None);
+    }
+}
