@@ -4,6 +4,8 @@
 #
 #   bench/run.sh                        # "bare" config -> bench/results-bare.md (+ .tsv)
 #   BENCH_CONFIG=layers bench/run.sh    # every resilience layer on -> bench/results-layers.md
+#   BENCH_CONFIG=observed bench/run.sh  # access log on, no tracing (baseline for traced)
+#   BENCH_CONFIG=traced bench/run.sh    # access log on + tracing at ratio 1.0 to a live OTLP sink
 #   PIN=1 bench/run.sh                  # pinned variant -> bench/results-bare-pinned.md
 #   SKIP_BUILD=1 bench/run.sh           # reuse target/release/breakwater as it is
 #   PEERS=/path/to/peers.sh bench/run.sh
@@ -23,7 +25,7 @@ say() { printf '[bench/run.sh] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
 [[ -f $PEERS ]] || die "peers.sh not found at $PEERS (set PEERS=/path/to/peers.sh)"
-[[ -f $CONFIG ]] || die "no config $CONFIG (BENCH_CONFIG is bare or layers)"
+[[ -f $CONFIG ]] || die "no config $CONFIG (BENCH_CONFIG is bare, layers, observed or traced)"
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   say "building: cargo build --release (in $REPO)"
@@ -51,8 +53,21 @@ fi
 # off in the config, and nothing on the hot path should log.
 printf -v PROXY_CMD 'exec %q --workers 1 run -c %q' "$BIN" "$CONFIG"
 export PROXY_CMD PROXY_NAME=breakwater PROXY_H2_PORT=18093 OUT
-export RUST_LOG=${RUST_LOG:-warn}
+case $BENCH_CONFIG in
+  # The access log is on in these two: let its info lines through.
+  observed|traced) export RUST_LOG=${RUST_LOG:-warn,breakwater::access=info} ;;
+  *) export RUST_LOG=${RUST_LOG:-warn} ;;
+esac
 
 say "PROXY_CMD=$PROXY_CMD"
+SINK_PID=
+if [[ $BENCH_CONFIG == traced ]]; then
+  # A live OTLP receiver outside the proxy's process tree, so its CPU is not billed to breakwater.
+  python3 "$HERE/otlp-sink.py" 14318 &
+  SINK_PID=$!
+  trap '[[ -n $SINK_PID ]] && kill "$SINK_PID" 2>/dev/null; wait "$SINK_PID" 2>/dev/null' EXIT
+  sleep 0.5
+fi
+
 say "running $PEERS; results go to $OUT"
-exec bash "$PEERS"
+bash "$PEERS"

@@ -47,23 +47,29 @@ impl Timed {
             c.inc();
         }
         *this.body = Body::Empty;
-        if *this.grpc {
-            // A gRPC client reads the deadline from trailers, as it would from a server.
-            let mut t = http::HeaderMap::new();
-            t.insert(
-                super::grpc::GRPC_STATUS,
-                http::HeaderValue::from_static("4"),
-            );
-            t.insert(
-                super::grpc::GRPC_MESSAGE,
-                http::HeaderValue::from_static("breakwater: deadline exceeded"),
-            );
-            return Poll::Ready(Some(Ok(Frame::trailers(t))));
-        }
-        Poll::Ready(Some(Err(Box::new(Elapsed {
-            kind: TimeoutKind::Request,
-        }))))
+        Poll::Ready(deadline_end(*this.grpc))
     }
+}
+
+/// How a body cut at the deadline ends: `grpc-status: 4` trailers for gRPC (a gRPC
+/// client reads the deadline from trailers, as it would from a server), else an error
+/// that aborts the stream.
+fn deadline_end(grpc: bool) -> Option<Result<Frame<Bytes>, BoxError>> {
+    if grpc {
+        let mut t = http::HeaderMap::new();
+        t.insert(
+            super::grpc::GRPC_STATUS,
+            http::HeaderValue::from_static("4"),
+        );
+        t.insert(
+            super::grpc::GRPC_MESSAGE,
+            http::HeaderValue::from_static("breakwater: deadline exceeded"),
+        );
+        return Some(Ok(Frame::trailers(t)));
+    }
+    Some(Err(Box::new(Elapsed {
+        kind: TimeoutKind::Request,
+    })))
 }
 
 pin_project! {
@@ -81,7 +87,16 @@ pin_project! {
         /// A response whose first frame was already read (gRPC classification),
         /// followed by the rest of the stream.
         Prefetched { first: Option<Frame<Bytes>>, #[pin] rest: hyper::body::Incoming },
-        /// A response body that must end before the request's deadline.
+        /// An upstream body that must end before the request's deadline; the timer is
+        /// made only if the body stalls, so the common case allocates nothing.
+        TimedIncoming {
+            #[pin] inner: hyper::body::Incoming,
+            deadline: tokio::time::Instant,
+            sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+            grpc: bool,
+            fired: Option<Counter>,
+        },
+        /// Any other body with a deadline.
         Timed { inner: Pin<Box<Timed>> },
         /// Anything else.
         Boxed { #[pin] inner: BoxBody<Bytes, BoxError> },
@@ -119,6 +134,15 @@ impl Body {
         if http_body::Body::is_end_stream(&self) {
             return self;
         }
+        if let Body::Incoming { inner } = self {
+            return Body::TimedIncoming {
+                inner,
+                deadline,
+                sleep: None,
+                grpc,
+                fired: Some(fired),
+            };
+        }
         Body::Timed {
             inner: Box::pin(Timed {
                 body: self,
@@ -151,7 +175,7 @@ impl std::fmt::Debug for Body {
             Body::Incoming { .. } => "Incoming",
             Body::Replay { .. } => "Replay",
             Body::Prefetched { .. } => "Prefetched",
-            Body::Timed { .. } => "Timed",
+            Body::Timed { .. } | Body::TimedIncoming { .. } => "Timed",
             Body::Boxed { .. } => "Boxed",
         };
         f.write_str(name)
@@ -178,6 +202,29 @@ impl http_body::Body for Body {
                 rest.poll_frame(cx).map_err(Into::into)
             }
             BodyProj::Timed { inner } => inner.as_mut().poll_frame(cx),
+            BodyProj::TimedIncoming {
+                inner,
+                deadline,
+                sleep,
+                grpc,
+                fired,
+            } => {
+                if fired.is_none() {
+                    return Poll::Ready(None);
+                }
+                if let Poll::Ready(frame) = inner.poll_frame(cx) {
+                    return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+                }
+                let sleep =
+                    sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*deadline)));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if let Some(c) = fired.take() {
+                    c.inc();
+                }
+                Poll::Ready(deadline_end(*grpc))
+            }
             BodyProj::Boxed { inner } => inner.poll_frame(cx),
         }
     }
@@ -190,6 +237,7 @@ impl http_body::Body for Body {
             Body::Replay { inner } => inner.is_end_stream(),
             Body::Prefetched { first, rest } => first.is_none() && rest.is_end_stream(),
             Body::Timed { inner } => inner.body.is_end_stream(),
+            Body::TimedIncoming { inner, fired, .. } => fired.is_none() || inner.is_end_stream(),
             Body::Boxed { inner } => inner.is_end_stream(),
         }
     }
@@ -217,6 +265,7 @@ impl http_body::Body for Body {
                 out
             }
             Body::Timed { inner } => inner.body.size_hint(),
+            Body::TimedIncoming { inner, .. } => inner.size_hint(),
             Body::Boxed { inner } => inner.size_hint(),
         }
     }

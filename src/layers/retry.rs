@@ -33,8 +33,9 @@ use super::classify::{Conditions, GrpcPushback, Outcome};
 use crate::config::{BackoffConfig, Jitter, RetryConfig, RetryMethods};
 use crate::error::BoxError;
 use crate::http::replay::ReplayBody;
-use crate::http::{grpc, Attempt, Body, Deadline};
+use crate::http::{grpc, Attempt, Body, ClientAddr, Deadline};
 use crate::telemetry::metrics::{Metrics, ReasonLabels};
+use crate::telemetry::tracing::TraceCtx;
 
 /// How long the budget remembers requests.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -205,15 +206,38 @@ where
     };
     let body_replayable = !matches!(replay, Replay::Empty) || body.is_end_stream();
 
+    // Attempt 1 takes the original request as it is; only a retry pays for rebuilding
+    // one (method, URI, the saved headers and the request-scoped extensions we use).
+    let saved_headers = parts.headers.clone();
+    let client = parts.extensions.get::<ClientAddr>().copied();
+    let trace = parts.extensions.get::<TraceCtx>().cloned();
+    let (method, uri, version) = (parts.method.clone(), parts.uri.clone(), parts.version);
+    let mut first = Some(parts);
+
     let mut n: u32 = 1;
     loop {
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        *req.extensions_mut() = parts.extensions.clone();
-        req.extensions_mut().insert(Attempt(n));
+        let mut req = match first.take() {
+            Some(p) => Request::from_parts(p, body),
+            None => {
+                let mut r = Request::new(body);
+                *r.method_mut() = method.clone();
+                *r.uri_mut() = uri.clone();
+                *r.version_mut() = version;
+                *r.headers_mut() = saved_headers.clone();
+                let ext = r.extensions_mut();
+                if let Some(c) = client {
+                    ext.insert(c);
+                }
+                if let Some(d) = deadline {
+                    ext.insert(Deadline(d));
+                }
+                if let Some(t) = &trace {
+                    ext.insert(t.clone());
+                }
+                ext.insert(Attempt(n));
+                r
+            }
+        };
         req.headers_mut()
             .insert(ATTEMPT_HEADER.clone(), HeaderValue::from(n));
         if is_grpc && n > 1 {
@@ -226,7 +250,10 @@ where
             Err(e) => Err(e),
         }
         .map(|mut res| {
-            res.extensions_mut().insert(Attempt(n));
+            // Absent means 1: the common case adds nothing to the response.
+            if n > 1 {
+                res.extensions_mut().insert(Attempt(n));
+            }
             res
         });
         if n >= policy.cfg.attempts {
