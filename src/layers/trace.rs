@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response};
 use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 use super::metrics::UpstreamEndpoint;
 use crate::error::{BoxError, ErrorKind};
 use crate::http::synthetic::{self, PROXY_STATUS};
-use crate::http::{grpc, Attempt, Body, ClientAddr};
+use crate::http::{grpc, Attempt, Body};
 use crate::telemetry::tracing::{
     format_traceparent, parse_traceparent, random_span_id, remote_parent, Parent, Recording,
     TraceCtx, Tracing, TRACEPARENT, TRACESTATE,
@@ -46,7 +46,6 @@ pub const ATTEMPT_SPAN: &str = "upstream attempt";
 struct RouteTrace {
     tracer: SdkTracer,
     route: StringValue,
-    listener: StringValue,
 }
 
 /// Continues or starts the trace of each request of one route.
@@ -57,13 +56,12 @@ pub struct TraceLayer {
 
 impl TraceLayer {
     /// A layer for one route; records spans only when `tracing` exports them.
-    pub fn new(tracing: &Tracing, listener: &str, route: &str) -> Self {
+    pub fn new(tracing: &Tracing, _listener: &str, route: &str) -> Self {
         TraceLayer {
             route: tracing.tracer().map(|t| {
                 Arc::new(RouteTrace {
                     tracer: t.clone(),
                     route: StringValue::from(Arc::<str>::from(route)),
-                    listener: StringValue::from(Arc::<str>::from(listener)),
                 })
             }),
         }
@@ -124,22 +122,12 @@ impl RouteTrace {
             None => Context::new(),
         };
         let method = req.method();
-        let mut attrs = Vec::with_capacity(12);
+        let mut attrs = Vec::with_capacity(6);
         attrs.push(KeyValue::new("http.request.method", method_value(method)));
         attrs.push(KeyValue::new("http.route", self.route.clone()));
         attrs.push(KeyValue::new("url.path", req.uri().path().to_string()));
-        attrs.push(KeyValue::new(
-            "url.scheme",
-            if req.uri().scheme_str() == Some("https") {
-                "https"
-            } else {
-                "http"
-            },
-        ));
-        attrs.push(KeyValue::new(
-            "network.protocol.version",
-            version_str(req.version()),
-        ));
+        // Only what the HTTP semantic conventions ask of a server span: each attribute
+        // costs an allocation here and again when the span is encoded for export.
         let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
             req.headers()
                 .get(http::header::HOST)
@@ -151,18 +139,6 @@ impl RouteTrace {
                 attrs.push(KeyValue::new("server.port", i64::from(port)));
             }
         }
-        if let Some(c) = req.extensions().get::<ClientAddr>() {
-            attrs.push(KeyValue::new("client.address", c.0.ip().to_string()));
-            attrs.push(KeyValue::new("client.port", i64::from(c.0.port())));
-        }
-        if let Some(ua) = req
-            .headers()
-            .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-        {
-            attrs.push(KeyValue::new("user_agent.original", ua.to_string()));
-        }
-        attrs.push(KeyValue::new("breakwater.listener", self.listener.clone()));
         let builder = SpanBuilder::from_name(format!("{method} {}", self.route.as_str()))
             .with_kind(SpanKind::Server)
             .with_attributes(attrs);
@@ -431,16 +407,6 @@ fn method_value(m: &Method) -> Value {
         _ => "_OTHER",
     };
     Value::from(known)
-}
-
-fn version_str(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    }
 }
 
 /// `host[:port]` or `[v6]:port` into host and port.
