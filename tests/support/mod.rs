@@ -76,7 +76,9 @@ where
     let h = hits.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             let hits = h.clone();
             tokio::spawn(async move {
