@@ -14,8 +14,6 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// gRPC status codes used by the proxy's own answers.
 pub mod code {
-    /// OK.
-    pub const OK: u8 = 0;
     /// DEADLINE_EXCEEDED.
     pub const DEADLINE_EXCEEDED: u8 = 4;
     /// RESOURCE_EXHAUSTED.

@@ -102,6 +102,16 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
     answer(kind).status
 }
 
+/// The HTTP status of the proxy's answer as the client sees it (gRPC answers are 200,
+/// the failure travels in `grpc-status`); metrics and spans label with this.
+pub fn answered_status(kind: ErrorKind, is_grpc: bool) -> u16 {
+    if is_grpc {
+        200
+    } else {
+        answer(kind).status.as_u16()
+    }
+}
+
 /// The gRPC status code the proxy answers with for a reason.
 pub fn grpc_code(kind: ErrorKind) -> u8 {
     answer(kind).grpc_code

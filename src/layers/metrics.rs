@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -32,8 +32,7 @@ pub struct RouteStats {
     route: String,
     requests: RequestCounters,
     duration: Histogram,
-    inflight_gauge: Gauge,
-    inflight: AtomicI64,
+    inflight: Gauge,
     total: AtomicU64,
     errors: AtomicU64,
 }
@@ -52,13 +51,12 @@ impl RouteStats {
                     route: route.to_string(),
                 })
                 .clone(),
-            inflight_gauge: metrics
+            inflight: metrics
                 .inflight
                 .get_or_create(&RouteLabels {
                     route: route.to_string(),
                 })
                 .clone(),
-            inflight: AtomicI64::new(0),
             total: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         })
@@ -66,7 +64,7 @@ impl RouteStats {
 
     /// Requests in flight.
     pub fn inflight(&self) -> i64 {
-        self.inflight.load(Ordering::Relaxed)
+        self.inflight.get()
     }
     /// Responses sent.
     pub fn requests(&self) -> u64 {
@@ -131,14 +129,11 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let stats = &self.layer.stats;
-        stats.inflight.fetch_add(1, Ordering::Relaxed);
-        stats.inflight_gauge.inc();
-        let log = self.layer.access_log.then(|| {
-            Box::new(LogInfo {
-                uri: req.uri().clone(),
-                client: req.extensions().get::<ClientAddr>().copied(),
-                trace_id: req.extensions().get::<TraceCtx>().map(|t| t.trace_id()),
-            })
+        stats.inflight.inc();
+        let log = self.layer.access_log.then(|| LogInfo {
+            uri: req.uri().clone(),
+            client: req.extensions().get::<ClientAddr>().copied(),
+            trace_id: req.extensions().get::<TraceCtx>().map(|t| t.trace_id()),
         });
         ResponseFuture {
             method: req.method().clone(),
@@ -157,8 +152,7 @@ struct Inflight(Arc<RouteStats>);
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.0.inflight_gauge.dec();
+        self.0.inflight.dec();
     }
 }
 
@@ -171,7 +165,7 @@ pin_project! {
         is_grpc: bool,
         guard: Inflight,
         start: Instant,
-        log: Option<Box<LogInfo>>,
+        log: Option<LogInfo>,
     }
 }
 
@@ -192,11 +186,7 @@ where
             Ok(r) => (r.status().as_u16(), r.status().is_server_error(), None),
             Err(e) => {
                 let kind = ErrorKind::of_box(e);
-                let status = if *this.is_grpc {
-                    200
-                } else {
-                    synthetic::http_status(kind).as_u16()
-                };
+                let status = synthetic::answered_status(kind, *this.is_grpc);
                 (status, true, Some(kind.reason()))
             }
         };

@@ -204,8 +204,7 @@ impl ServerSpan {
             }
             Err(e) => {
                 let kind = ErrorKind::of_box(e);
-                let http = synthetic::http_status(kind);
-                let status = if is_grpc { 200 } else { http.as_u16() };
+                let status = synthetic::answered_status(kind, is_grpc);
                 span.set_attribute(KeyValue::new(
                     "http.response.status_code",
                     i64::from(status),
@@ -226,7 +225,7 @@ impl ServerSpan {
                 };
                 span.add_event(kind.reason(), attrs);
                 // As the semantic conventions ask of server spans: 4xx is the client's doing.
-                if http.is_server_error() {
+                if synthetic::http_status(kind).is_server_error() {
                     span.set_status(Status::error(e.to_string()));
                 }
             }

@@ -2,7 +2,7 @@
 //! once; each route resolves its label handles when it is built, so the request path
 //! only touches atomics, never a label lookup by string.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -163,7 +163,7 @@ impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Metrics {
         let mut reg = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Mutex::new(Registry::default()),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -272,7 +272,7 @@ impl Metrics {
             build_info,
         );
         reg.register_collector(Box::new(ProcessCollector::new()));
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = reg;
+        m.registry = Mutex::new(reg);
         m
     }
 
@@ -442,9 +442,6 @@ impl Collector for ProcessCollector {
         Ok(())
     }
 }
-
-/// Shared handle to the metrics.
-pub type SharedMetrics = Arc<Metrics>;
 
 #[cfg(test)]
 mod tests {

@@ -4,4 +4,4 @@ pub mod metrics;
 pub mod tracing;
 
 pub use self::tracing::{TraceCtx, Tracing};
-pub use metrics::{Metrics, SharedMetrics};
+pub use metrics::Metrics;
