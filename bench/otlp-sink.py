@@ -3,6 +3,7 @@
 protobuf body, counts bytes and batches, answers 200 with an empty
 ExportTraceServiceResponse. Loopback only. Usage: otlp-sink.py [PORT]"""
 import http.server
+import signal
 import sys
 import threading
 
@@ -29,6 +30,8 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# Background jobs ignore SIGINT: stop on SIGTERM too, printing the counts.
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Sink)
 try:
     server.serve_forever()
