@@ -69,7 +69,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn render(&self, is_grpc: bool, proxy_status: HeaderValue) -> Response<Body> {
+    fn render(
+        &self,
+        is_grpc: bool,
+        reason: FallbackReason,
+        proxy_status: HeaderValue,
+    ) -> Response<Body> {
         let mut res = match (&self.grpc, is_grpc) {
             (Some((code, msg)), true) => synthetic::grpc_response(*code, msg.clone()),
             _ => {
@@ -80,9 +85,15 @@ impl Shared {
             }
         };
         res.headers_mut().insert(PROXY_STATUS.clone(), proxy_status);
+        res.extensions_mut().insert(FallbackAnswer(label(reason)));
         res
     }
 }
+
+/// Marks a response the fallback layer made, with the reason's label (for the trace
+/// layer above, which would otherwise have to parse `Proxy-Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackAnswer(pub &'static str);
 
 /// Replaces listed failures with the configured response.
 #[derive(Debug, Clone)]
@@ -202,7 +213,7 @@ where
                 match reason_of(kind) {
                     Some(r) if sh.enabled[index(r)] => {
                         sh.counters[index(r)].inc();
-                        Ok(sh.render(*this.is_grpc, synthetic::proxy_status(kind)))
+                        Ok(sh.render(*this.is_grpc, r, synthetic::proxy_status(kind)))
                     }
                     _ => Err(e),
                 }
@@ -219,7 +230,7 @@ where
                 .unwrap_or(HeaderValue::from_static(
                     "breakwater; details=\"upstream_5xx\"",
                 ));
-                Ok(sh.render(*this.is_grpc, ps))
+                Ok(sh.render(*this.is_grpc, FallbackReason::Upstream5xx, ps))
             }
             Ok(res) => Ok(res),
         })

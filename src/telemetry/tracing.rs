@@ -1,33 +1,30 @@
-//! OpenTelemetry tracing: the [`Tracing`] handle (an OTLP exporter behind a batch
-//! processor with a bounded queue, or nothing at all), the W3C Trace Context codec
-//! (`traceparent`, by hand: no allocation to read it) and [`TraceCtx`], the per-request
-//! trace state the trace layer puts in request extensions for the layers below it.
+//! OpenTelemetry tracing: the [`Tracing`] handle (a span recorder feeding an OTLP
+//! exporter through a bounded batch queue, or nothing at all), the W3C Trace Context
+//! codec (`traceparent`, by hand: no allocation to read it) and [`TraceCtx`], the
+//! per-request trace state the trace layer puts in request extensions for the layers
+//! below it. Spans are recorded by [`super::span`], encoded by [`super::otlp::wire`],
+//! batched by [`super::batch`] and sent by [`super::otlp`].
 //!
 //! Propagation works whether or not export is configured: with tracing off, an upstream
 //! still receives a `traceparent` that continues the client's trace (or starts one)
 //! with a fresh, unexported span id, and `tracestate` passes through untouched.
 //!
-//! Export never blocks or slows a request: finished spans go into a bounded channel
-//! with `try_send` (a full queue drops the span), and a tokio task batches and sends
-//! them (the SDK's async-runtime batch processor, as the OTLP docs require for an async
-//! HTTP client). A dead or slow collector costs dropped spans, nothing else.
+//! Export never blocks or slows a request: finished spans are batched in a bounded
+//! queue (a full queue drops them) and a tokio task sends them. A dead or slow
+//! collector costs dropped spans, nothing else.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::trace::{SpanContext, TraceFlags, TraceState, TracerProvider as _};
+use opentelemetry::trace::{Event, TraceState};
 pub use opentelemetry::trace::{SpanId, TraceId};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
-use opentelemetry_sdk::runtime::Tokio;
-use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::{
-    BatchConfig, BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider,
-};
-use opentelemetry_sdk::Resource;
+use opentelemetry::KeyValue;
+
+use super::batch::{BatchConfig, BatchProcessor};
+use super::otlp::{wire, OtlpExporter, Protocol};
+use super::span::{Recorder, Sink, SpanRecord};
 
 use crate::config::{TelemetryConfig, TracingConfig};
 use crate::error::BoxError;
@@ -166,13 +163,17 @@ pub struct TraceCtx {
     recording: Option<Recording>,
 }
 
-/// The server span of a sampled request and the tracer to start its children with.
+/// The server span of a recorded request, for the layers below it.
 #[derive(Clone, Debug)]
 pub struct Recording {
-    /// A context whose active span is the request's server span.
-    pub cx: Context,
-    /// The tracer that started it.
-    pub tracer: SdkTracer,
+    /// The server span's id: the attempt spans' parent.
+    pub span_id: SpanId,
+    /// Events the inner layers add to the server span (retries).
+    pub events: Arc<Mutex<Vec<Event>>>,
+    /// Where the attempt spans go.
+    pub recorder: Recorder,
+    /// The request is gRPC (its spans get the gRPC status).
+    pub is_grpc: bool,
 }
 
 impl TraceCtx {
@@ -195,19 +196,24 @@ impl TraceCtx {
         }
     }
 
-    /// A request whose server span was started; `recording` is `None` when the sampler
-    /// dropped it (its trace id and flags still propagate).
-    pub fn new(sc: &SpanContext, parent: Option<Parent>, recording: Option<Recording>) -> Self {
-        let parent_id = match (&recording, parent) {
-            (Some(_), _) => sc.span_id(),
-            (None, Some(p)) => p.span_id,
-            (None, None) => SpanId::INVALID,
-        };
+    /// A request whose server span is recorded.
+    pub fn recorded(trace_id: TraceId, recording: Recording) -> TraceCtx {
         TraceCtx {
-            trace_id: sc.trace_id(),
-            parent_id,
-            sampled: sc.is_sampled(),
-            recording,
+            trace_id,
+            parent_id: recording.span_id,
+            sampled: true,
+            recording: Some(recording),
+        }
+    }
+
+    /// A request of a new trace the sampler left out: its id and "not sampled"
+    /// propagate.
+    pub fn sampled_out(trace_id: TraceId) -> TraceCtx {
+        TraceCtx {
+            trace_id,
+            parent_id: SpanId::INVALID,
+            sampled: false,
+            recording: None,
         }
     }
 
@@ -248,25 +254,8 @@ impl fmt::Debug for Tracing {
 }
 
 struct Exporter {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
-    shut: AtomicBool,
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        // The SDK's own shutdown-on-drop blocks the dropping thread until the batch
-        // task answers: on a runtime thread that can deadlock. Do it on a thread of
-        // its own; it ends when the task answers or the runtime is gone.
-        if !self.shut.swap(true, Ordering::SeqCst) {
-            let provider = self.provider.clone();
-            let _ = std::thread::Builder::new()
-                .name("otel-shutdown".into())
-                .spawn(move || {
-                    let _ = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-                });
-        }
-    }
+    recorder: Recorder,
+    batch: Option<Arc<BatchProcessor>>,
 }
 
 impl Tracing {
@@ -276,7 +265,7 @@ impl Tracing {
     }
 
     /// Builds the OTLP exporter for `telemetry.tracing`, or [`Tracing::disabled`] when
-    /// the block is absent or off. Must run inside a tokio runtime (the batch task is
+    /// the block is absent or off. Must run inside a tokio runtime (the export task is
     /// spawned on it); nothing connects until the first batch is sent.
     pub fn from_config(cfg: &TelemetryConfig) -> Result<Tracing, BoxError> {
         match cfg.tracing.as_ref().and_then(|t| t.on()) {
@@ -286,45 +275,46 @@ impl Tracing {
     }
 
     fn exporting(t: &TracingConfig) -> Result<Tracing, BoxError> {
-        let base = t.otlp_endpoint.trim_end_matches('/');
-        let exporter = match t.otlp_protocol.as_str() {
-            "grpc" => SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(base)
-                .build(),
-            _ => {
-                if base.starts_with("https://") {
-                    return Err(format!(
-                        "telemetry.tracing.otlp_endpoint {base}: https is not supported for OTLP/HTTP in this build; use http:// (e.g. a local collector)"
-                    )
-                    .into());
-                }
-                SpanExporter::builder()
-                    .with_http()
-                    // Never left to feature priority: another crate enabling http-json
-                    // would silently switch the encoding.
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_endpoint(format!("{base}/v1/traces"))
-                    .build()
-            }
-        }
-        .map_err(|e| format!("telemetry.tracing: cannot build the OTLP exporter: {e}"))?;
+        let protocol = match t.otlp_protocol.as_str() {
+            "grpc" => Protocol::Grpc,
+            _ => Protocol::Http,
+        };
+        let exporter = OtlpExporter::new(&t.otlp_endpoint, protocol)
+            .map_err(|e| format!("telemetry.tracing.{e}"))?;
+        let resource = wire::encode_resource(&[
+            KeyValue::new("service.name", t.service_name.clone()),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("telemetry.sdk.name", SCOPE),
+            KeyValue::new("telemetry.sdk.language", "rust"),
+            KeyValue::new("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+        ]);
+        let scope = wire::encode_scope(SCOPE, env!("CARGO_PKG_VERSION"));
         // Defaults, overridable with the standard OTEL_BSP_* variables: a queue of
         // 2048 spans (beyond it spans are dropped), batches of 512 every 5 s.
-        let batch = BatchConfigBuilder::default().build();
-        Ok(Tracing::from_provider(batched_provider(exporter, batch, t)))
+        let batch = Arc::new(BatchProcessor::spawn(
+            exporter,
+            BatchConfig::from_env(),
+            resource,
+            scope,
+        ));
+        Ok(Tracing {
+            inner: Some(Arc::new(Exporter {
+                recorder: Recorder::new(Sink::Batch(batch.clone()), t.sample_ratio),
+                batch: Some(batch),
+            })),
+        })
     }
 
-    /// Wraps a provider built elsewhere (tests use a synchronous in-memory exporter).
-    pub fn from_provider(provider: SdkTracerProvider) -> Tracing {
-        let tracer = provider.tracer(SCOPE);
-        Tracing {
+    /// Records spans in memory instead of exporting them (for tests).
+    pub fn in_memory(sample_ratio: f64) -> (Tracing, Arc<Mutex<Vec<SpanRecord>>>) {
+        let store = Arc::new(Mutex::new(Vec::new()));
+        let tracing = Tracing {
             inner: Some(Arc::new(Exporter {
-                provider,
-                tracer,
-                shut: AtomicBool::new(false),
+                recorder: Recorder::new(Sink::Memory(store.clone()), sample_ratio),
+                batch: None,
             })),
-        }
+        };
+        (tracing, store)
     }
 
     /// Whether spans are recorded and exported.
@@ -332,85 +322,38 @@ impl Tracing {
         self.inner.is_some()
     }
 
-    /// The tracer, when exporting.
-    pub fn tracer(&self) -> Option<&SdkTracer> {
-        self.inner.as_ref().map(|e| &e.tracer)
+    /// The recorder, when spans are recorded.
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.inner.as_ref().map(|e| &e.recorder)
     }
 
     /// Sends the spans batched so far and waits for the answer (at most `timeout`).
     pub async fn force_flush(&self, timeout: Duration) -> Result<(), BoxError> {
-        let Some(e) = &self.inner else { return Ok(()) };
-        let provider = e.provider.clone();
-        // The SDK blocks the calling thread until the batch task answers.
-        let flush = tokio::task::spawn_blocking(move || provider.force_flush());
-        match tokio::time::timeout(timeout, flush).await {
-            Ok(Ok(r)) => r.map_err(Into::into),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err("timed out flushing spans".into()),
+        match self.inner.as_ref().and_then(|e| e.batch.as_ref()) {
+            Some(b) => b.flush(timeout).await.map_err(Into::into),
+            None => Ok(()),
         }
     }
 
     /// Sends the spans still queued and stops the exporter, waiting at most `timeout`.
     /// Spans that end later are dropped.
     pub async fn shutdown(&self, timeout: Duration) {
-        let Some(e) = &self.inner else { return };
-        if e.shut.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let provider = e.provider.clone();
-        let task =
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "tracing shutdown: spans may be lost"),
-            Ok(Err(_)) | Err(_) => {
-                tracing::warn!("tracing shutdown timed out: the last spans may be lost")
+        if let Some(b) = self.inner.as_ref().and_then(|e| e.batch.as_ref()) {
+            if let Err(err) = b.shutdown(timeout).await {
+                tracing::warn!(error = %err, "tracing shutdown: the last spans may be lost");
             }
         }
     }
 }
 
-/// The provider: a bounded batch queue drained by a tokio task (spans are dropped,
-/// never waited for, when it is full), a parent-based ratio sampler, the resource.
-fn batched_provider<E>(exporter: E, batch: BatchConfig, t: &TracingConfig) -> SdkTracerProvider
-where
-    E: opentelemetry_sdk::trace::SpanExporter + 'static,
-{
-    let processor = BatchSpanProcessor::builder(exporter, Tokio)
-        .with_batch_config(batch)
-        .build();
-    let resource = Resource::builder()
-        .with_service_name(t.service_name.clone())
-        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build();
-    SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            t.sample_ratio,
-        ))))
-        .with_resource(resource)
-        .build()
-}
-
-/// A parent span context for the SDK from a client's `traceparent` (and `tracestate`).
-pub fn remote_parent(parent: &Parent, headers: &HeaderMap) -> Context {
-    let state = headers
+/// The client's `tracestate`, kept on the spans of its trace (empty when absent or
+/// malformed).
+pub fn client_trace_state(headers: &HeaderMap) -> TraceState {
+    headers
         .get(&TRACESTATE)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    use opentelemetry::trace::TraceContextExt as _;
-    Context::new().with_remote_span_context(SpanContext::new(
-        parent.trace_id,
-        parent.span_id,
-        if parent.sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::NOT_SAMPLED
-        },
-        true,
-        state,
-    ))
+        .unwrap_or(TraceState::NONE)
 }
 
 #[cfg(test)]
@@ -510,48 +453,6 @@ mod tests {
         };
         let err = Tracing::from_config(&cfg).unwrap_err().to_string();
         assert!(err.contains("https is not supported"), "{err}");
-    }
-
-    /// An exporter whose exports never finish: a collector that accepts and stalls.
-    #[derive(Debug)]
-    struct Stalled;
-
-    impl opentelemetry_sdk::trace::SpanExporter for Stalled {
-        async fn export(
-            &self,
-            _: Vec<opentelemetry_sdk::trace::SpanData>,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            std::future::pending().await
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_queue_drops_spans_without_waiting() {
-        use opentelemetry::trace::{Span as _, Tracer as _};
-        let cfg = TracingConfig {
-            otlp_endpoint: "http://unused".into(),
-            otlp_protocol: "http".into(),
-            sample_ratio: 1.0,
-            service_name: "t".into(),
-        };
-        let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(8)
-            .with_max_export_batch_size(2)
-            .build();
-        let tracing = Tracing::from_provider(batched_provider(Stalled, batch, &cfg));
-        let tracer = tracing.tracer().unwrap();
-        let start = std::time::Instant::now();
-        // The first batch hangs in export; the queue fills; the rest are dropped.
-        for _ in 0..10_000 {
-            let mut span = tracer.start("s");
-            span.end();
-            tokio::task::yield_now().await;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "ending spans waited: {:?}",
-            start.elapsed()
-        );
     }
 
     #[tokio::test]
