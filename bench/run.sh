@@ -62,10 +62,39 @@ esac
 say "PROXY_CMD=$PROXY_CMD"
 SINK_PID=
 if [[ $BENCH_CONFIG == traced ]]; then
-  # A live OTLP receiver outside the proxy's process tree, so its CPU is not billed to breakwater.
-  python3 "$HERE/otlp-sink.py" 14318 &
+  # A live OTLP/HTTP receiver outside the proxy's process tree, so its CPU is not billed
+  # to breakwater. nginx by default: it reads every POST body and answers 200 (an empty
+  # ExportTraceServiceResponse) for a few µs of CPU, where the Python sink (SINK=python)
+  # spends ~0.4 ms a batch; on 2 vCPUs that CPU is taken from the proxy's neighbours.
+  # Its access log counts what arrived.
+  SINK_DIR=$(mktemp -d /tmp/otlp-sink.XXXXXX)
+  if [[ ${SINK:-nginx} == nginx ]]; then
+    cat > "$SINK_DIR/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $SINK_DIR/nginx.pid;
+error_log $SINK_DIR/error.log;
+events { worker_connections 256; }
+http {
+  log_format sink '\$content_length \$status';
+  access_log $SINK_DIR/access.log sink;
+  client_max_body_size 16m;
+  client_body_buffer_size 4m;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:14318;
+    location = /v1/traces { return 200; }
+    location / { return 404; }
+  }
+}
+CONF
+    nginx -c "$SINK_DIR/nginx.conf" -e "$SINK_DIR/error.log" &
+  else
+    python3 "$HERE/otlp-sink.py" 14318 &
+  fi
   SINK_PID=$!
-  trap '[[ -n $SINK_PID ]] && kill "$SINK_PID" 2>/dev/null; wait "$SINK_PID" 2>/dev/null' EXIT
+  trap '[[ -n $SINK_PID ]] && kill "$SINK_PID" 2>/dev/null; wait "$SINK_PID" 2>/dev/null;
+        [[ -f $SINK_DIR/access.log ]] && awk "{n++; b+=\$1; if (\$2 != 200) e++} END {printf \"otlp-sink (nginx): %d batches, %d bytes, %d not 200\n\", n, b, e}" "$SINK_DIR/access.log" >&2' EXIT
   sleep 0.5
 fi
 
