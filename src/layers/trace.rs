@@ -173,35 +173,30 @@ impl RouteTrace {
         if parent.is_some() {
             span.trace_state = client_trace_state(req.headers());
         }
-        let is_grpc = grpc::is_grpc(req.headers());
         let rec = Recording {
             span_id: span.span_id,
             events: Arc::new(Mutex::new(Vec::new())),
             recorder: self.recorder.clone(),
-            is_grpc,
+            is_grpc: grpc::is_grpc(req.headers()),
         };
         let server = ServerRec {
             span,
-            events: rec.events.clone(),
-            recorder: self.recorder.clone(),
-            is_grpc,
+            rec: rec.clone(),
         };
         (TraceCtx::recorded(trace_id, rec), Some(server))
     }
 }
 
-/// A server span being recorded.
+/// A server span being recorded, with what the layers below it share of it.
 struct ServerRec {
     span: SpanRecord,
-    /// Where the inner layers put their events (retries).
-    events: Arc<Mutex<Vec<Event>>>,
-    recorder: Recorder,
-    is_grpc: bool,
+    rec: Recording,
 }
 
 impl ServerRec {
     fn end(mut self) {
         let mut events = self
+            .rec
             .events
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -211,7 +206,7 @@ impl ServerRec {
             std::mem::swap(&mut self.span.events, &mut *events);
         }
         drop(events);
-        self.recorder.finish(self.span);
+        self.rec.recorder.finish(self.span);
     }
 }
 
@@ -233,30 +228,19 @@ impl Drop for ServerSpan {
 impl ServerSpan {
     fn finish(&mut self, result: &Result<Response<Body>, BoxError>) {
         let Some(mut rec) = self.0.take() else { return };
-        let is_grpc = rec.is_grpc;
+        let is_grpc = rec.rec.is_grpc;
         let span = &mut rec.span;
         match result {
             Ok(res) => {
-                let status = res.status().as_u16();
-                span.set_attribute(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                ));
+                record_answer(span, res, is_grpc);
                 if let Some(a) = res.extensions().get::<Attempt>() {
                     span.set_attribute(KeyValue::new("breakwater.attempts", i64::from(a.0)));
-                }
-                if let Some(code) = is_grpc.then(|| grpc::status(res.headers())).flatten() {
-                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
                 }
                 if let Some(reason) = fallback_reason(res) {
                     if let Some(r) = refusal(reason) {
                         span.add_event(r, Vec::new());
                     }
                     span.add_event("fallback", vec![KeyValue::new("breakwater.reason", reason)]);
-                }
-                if status >= 500 {
-                    span.set_attribute(KeyValue::new("error.type", status.to_string()));
-                    span.status = Status::error("");
                 }
             }
             Err(e) => {
@@ -288,6 +272,23 @@ impl ServerSpan {
             }
         }
         rec.end();
+    }
+}
+
+/// What server and attempt spans both record of a response: its status, its gRPC
+/// status, and a 5xx as an error.
+fn record_answer(span: &mut SpanRecord, res: &Response<Body>, is_grpc: bool) {
+    let status = res.status().as_u16();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    if let Some(code) = is_grpc.then(|| grpc::status(res.headers())).flatten() {
+        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+    }
+    if status >= 500 {
+        span.set_attribute(KeyValue::new("error.type", status.to_string()));
+        span.status = Status::error("");
     }
 }
 
@@ -421,11 +422,7 @@ impl AttemptSpan {
         };
         match result {
             Ok(res) => {
-                let status = res.status().as_u16();
-                span.set_attribute(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                ));
+                record_answer(&mut span, res, is_grpc);
                 if let Some(ep) = res.extensions().get::<UpstreamEndpoint>() {
                     if let Some((host, port)) = split_host_port(&ep.0) {
                         span.set_attribute(KeyValue::new("server.address", host.to_string()));
@@ -433,13 +430,6 @@ impl AttemptSpan {
                             span.set_attribute(KeyValue::new("server.port", i64::from(port)));
                         }
                     }
-                }
-                if let Some(code) = is_grpc.then(|| grpc::status(res.headers())).flatten() {
-                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
-                }
-                if status >= 500 {
-                    span.set_attribute(KeyValue::new("error.type", status.to_string()));
-                    span.status = Status::error("");
                 }
             }
             Err(e) => {

@@ -130,6 +130,14 @@ impl Recorder {
         }
     }
 
+    /// The batcher spans go to, when they are exported.
+    pub(crate) fn batch(&self) -> Option<&BatchProcessor> {
+        match &self.sink {
+            Sink::Batch(b) => Some(b),
+            Sink::Memory(_) => None,
+        }
+    }
+
     /// Ends a span now and hands it over for export.
     pub fn finish(&self, mut span: SpanRecord) {
         span.end_time = SystemTime::now();

@@ -242,7 +242,7 @@ impl TraceCtx {
 /// The tracing handle: cheap to clone; does nothing but propagation when off.
 #[derive(Clone, Default)]
 pub struct Tracing {
-    inner: Option<Arc<Exporter>>,
+    recorder: Option<Recorder>,
 }
 
 impl fmt::Debug for Tracing {
@@ -253,15 +253,10 @@ impl fmt::Debug for Tracing {
     }
 }
 
-struct Exporter {
-    recorder: Recorder,
-    batch: Option<Arc<BatchProcessor>>,
-}
-
 impl Tracing {
     /// Propagation only: no spans are recorded or exported.
     pub fn disabled() -> Tracing {
-        Tracing { inner: None }
+        Tracing { recorder: None }
     }
 
     /// Builds the OTLP exporter for `telemetry.tracing`, or [`Tracing::disabled`] when
@@ -298,10 +293,7 @@ impl Tracing {
             scope,
         ));
         Ok(Tracing {
-            inner: Some(Arc::new(Exporter {
-                recorder: Recorder::new(Sink::Batch(batch.clone()), t.sample_ratio),
-                batch: Some(batch),
-            })),
+            recorder: Some(Recorder::new(Sink::Batch(batch), t.sample_ratio)),
         })
     }
 
@@ -309,27 +301,24 @@ impl Tracing {
     pub fn in_memory(sample_ratio: f64) -> (Tracing, Arc<Mutex<Vec<SpanRecord>>>) {
         let store = Arc::new(Mutex::new(Vec::new()));
         let tracing = Tracing {
-            inner: Some(Arc::new(Exporter {
-                recorder: Recorder::new(Sink::Memory(store.clone()), sample_ratio),
-                batch: None,
-            })),
+            recorder: Some(Recorder::new(Sink::Memory(store.clone()), sample_ratio)),
         };
         (tracing, store)
     }
 
     /// Whether spans are recorded and exported.
     pub fn is_exporting(&self) -> bool {
-        self.inner.is_some()
+        self.recorder.is_some()
     }
 
     /// The recorder, when spans are recorded.
     pub fn recorder(&self) -> Option<&Recorder> {
-        self.inner.as_ref().map(|e| &e.recorder)
+        self.recorder.as_ref()
     }
 
     /// Sends the spans batched so far and waits for the answer (at most `timeout`).
     pub async fn force_flush(&self, timeout: Duration) -> Result<(), BoxError> {
-        match self.inner.as_ref().and_then(|e| e.batch.as_ref()) {
+        match self.recorder.as_ref().and_then(Recorder::batch) {
             Some(b) => b.flush(timeout).await.map_err(Into::into),
             None => Ok(()),
         }
@@ -338,7 +327,7 @@ impl Tracing {
     /// Sends the spans still queued and stops the exporter, waiting at most `timeout`.
     /// Spans that end later are dropped.
     pub async fn shutdown(&self, timeout: Duration) {
-        if let Some(b) = self.inner.as_ref().and_then(|e| e.batch.as_ref()) {
+        if let Some(b) = self.recorder.as_ref().and_then(Recorder::batch) {
             if let Err(err) = b.shutdown(timeout).await {
                 tracing::warn!(error = %err, "tracing shutdown: the last spans may be lost");
             }
