@@ -1,5 +1,5 @@
 //! The config file: YAML model ([`model`]), value types ([`values`]), loading with
-//! located errors, and semantic validation ([`validate`]) that resolves each route's
+//! located errors, and semantic validation (`validate`) that resolves each route's
 //! effective policy. A config with any error is never applied.
 
 pub mod model;

@@ -17,13 +17,9 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::error::{BoxError, ErrorKind};
-use crate::http::{grpc, synthetic, Attempt, Body, ClientAddr};
+use crate::http::{grpc, synthetic, Attempt, Body, ClientAddr, UpstreamEndpoint};
 use crate::telemetry::metrics::{ListenerRouteLabels, Metrics, RequestCounters, RouteLabels};
 use crate::telemetry::tracing::{TraceCtx, TraceId};
-
-/// The upstream endpoint that answered, put in response extensions by the client.
-#[derive(Debug, Clone)]
-pub struct UpstreamEndpoint(pub Arc<str>);
 
 /// Per-route counters, shared by every clone of the route and kept across reloads.
 #[derive(Debug)]
@@ -201,7 +197,7 @@ where
                 Ok(r) => (
                     r.extensions().get::<Attempt>().map(|a| a.0).unwrap_or(1),
                     r.extensions()
-                        .get::<super::metrics::UpstreamEndpoint>()
+                        .get::<UpstreamEndpoint>()
                         .map(|e| e.0.clone()),
                     r.headers()
                         .get(&synthetic::PROXY_STATUS)
@@ -220,7 +216,7 @@ where
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 attempts,
-                upstream = %endpoint.as_deref().unwrap_or("-"),
+                upstream = %endpoint.as_ref().map_or("-", |e| &e.addr),
                 reason = reason.unwrap_or("-"),
                 proxy_status = %proxy_status.as_deref().unwrap_or("-"),
                 trace_id = %info.trace_id.unwrap_or(TraceId::INVALID),

@@ -4,7 +4,7 @@
 //! [`TraceCtx`] in the request extensions. When the request ends it records the status
 //! and what the inner layers did, read from the outcome: a refusal or failure by its
 //! [`ErrorKind`] (`rate_limited`, `circuit_open`, `overloaded`, `timeout`,
-//! `upstream_unavailable`), a fallback answer by its `Proxy-Status`, and the number of
+//! `upstream_unavailable`), a fallback answer by its [`FallbackAnswer`], and the number of
 //! attempts from the response's [`Attempt`].
 //!
 //! [`AttemptTrace`] is used by the attempt layer (the innermost one): each upstream
@@ -25,16 +25,14 @@ use std::time::SystemTime;
 
 use http::{Method, Request, Response};
 use opentelemetry::trace::{Event, SpanId, SpanKind, Status};
-use opentelemetry::{KeyValue, StringValue, Value};
+use opentelemetry::{KeyValue, StringValue};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::fallback::FallbackAnswer;
-use super::metrics::UpstreamEndpoint;
 use crate::error::{BoxError, ErrorKind};
-use crate::http::synthetic;
-use crate::http::{grpc, Attempt, Body};
-use crate::telemetry::span::{Recorder, SpanRecord};
+use crate::http::{grpc, split_host_port, synthetic, Attempt, Body, UpstreamEndpoint};
+use crate::telemetry::span::{keys, Attributes, Recorder, SpanRecord};
 use crate::telemetry::tracing::{
     client_trace_state, format_traceparent, parse_traceparent, random_span_id, random_trace_id,
     Parent, Recording, TraceCtx, Tracing, TRACEPARENT, TRACESTATE,
@@ -43,19 +41,20 @@ use crate::telemetry::tracing::{
 /// The name of every upstream attempt span.
 pub const ATTEMPT_SPAN: &str = "upstream attempt";
 
-/// Most attributes a server span gets: 5 at start, up to 5 at the end.
-const SERVER_ATTRS: usize = 10;
-/// Most attributes an attempt span gets: 3 at start, up to 5 at the end.
-const ATTEMPT_ATTRS: usize = 8;
+/// The attribute bytes a span starts with room for: all of a span's attributes
+/// unless its path or host is long.
+const ATTR_BYTES: usize = 256;
 
 /// Route-level data of the server spans, resolved when the route is built.
 #[derive(Debug)]
 struct RouteTrace {
     recorder: Recorder,
-    route: StringValue,
     /// `{method} {route}` for each method of [`METHODS`], then `HTTP {route}` for
     /// the others (as the conventions ask: the name stays low-cardinality).
     names: Vec<StringValue>,
+    /// `http.request.method` and `http.route` for each method of [`METHODS`], then
+    /// for the others.
+    fixed: Vec<Attributes>,
 }
 
 /// Continues or starts the trace of each request of one route.
@@ -77,7 +76,14 @@ impl TraceLayer {
                         .chain(std::iter::once(&"HTTP"))
                         .map(|m| StringValue::from(Arc::<str>::from(format!("{m} {route}"))))
                         .collect(),
-                    route: StringValue::from(Arc::<str>::from(route)),
+                    fixed: method_names()
+                        .map(|m| {
+                            let mut a = Attributes::default();
+                            a.str(&keys::METHOD, m);
+                            a.str(&keys::ROUTE, route);
+                            a
+                        })
+                        .collect(),
                 })
             }),
         }
@@ -143,23 +149,21 @@ impl RouteTrace {
             };
             return (ctx, None);
         }
-        let method = req.method();
-        // Room for what `finish` adds too, so the Vec is never grown.
-        let mut attrs = Vec::with_capacity(SERVER_ATTRS);
-        attrs.push(KeyValue::new("http.request.method", method_value(method)));
-        attrs.push(KeyValue::new("http.route", self.route.clone()));
-        attrs.push(KeyValue::new("url.path", req.uri().path().to_string()));
+        let method = method_index(req.method());
+        let mut attrs = Attributes::with_capacity(ATTR_BYTES);
+        attrs.extend(&self.fixed[method]);
+        attrs.str(&keys::URL_PATH, req.uri().path());
         // Only what the HTTP semantic conventions ask of a server span: each attribute
-        // costs an allocation here and bytes in every export.
+        // costs bytes in every export.
         let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
             req.headers()
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
         if let Some((host, port)) = authority.and_then(split_host_port) {
-            attrs.push(KeyValue::new("server.address", host.to_string()));
+            attrs.str(&keys::SERVER_ADDRESS, host);
             if let Some(port) = port {
-                attrs.push(KeyValue::new("server.port", i64::from(port)));
+                attrs.int(&keys::SERVER_PORT, i64::from(port));
             }
         }
         let mut span = SpanRecord::start(
@@ -167,7 +171,7 @@ impl RouteTrace {
             parent.map_or(SpanId::INVALID, |p| p.span_id),
             parent.is_some(),
             SpanKind::Server,
-            self.names[method_index(method)].clone(),
+            self.names[method].clone(),
             attrs,
         );
         if parent.is_some() {
@@ -218,8 +222,7 @@ impl Drop for ServerSpan {
     fn drop(&mut self) {
         if let Some(mut rec) = self.0.take() {
             rec.span.status = Status::error("request cancelled");
-            rec.span
-                .set_attribute(KeyValue::new("error.type", "cancelled"));
+            rec.span.attributes.str(&keys::ERROR_TYPE, "cancelled");
             rec.end();
         }
     }
@@ -234,7 +237,7 @@ impl ServerSpan {
             Ok(res) => {
                 record_answer(span, res, is_grpc);
                 if let Some(a) = res.extensions().get::<Attempt>() {
-                    span.set_attribute(KeyValue::new("breakwater.attempts", i64::from(a.0)));
+                    span.attributes.int(&keys::ATTEMPTS, i64::from(a.0));
                 }
                 if let Some(reason) = fallback_reason(res) {
                     if let Some(r) = refusal(reason) {
@@ -246,17 +249,14 @@ impl ServerSpan {
             Err(e) => {
                 let kind = ErrorKind::of_box(e);
                 let status = synthetic::answered_status(kind, is_grpc);
-                span.set_attribute(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                ));
+                span.attributes.int(&keys::STATUS_CODE, i64::from(status));
                 if is_grpc {
-                    span.set_attribute(KeyValue::new(
-                        "rpc.grpc.status_code",
+                    span.attributes.int(
+                        &keys::GRPC_STATUS_CODE,
                         i64::from(synthetic::grpc_code(kind)),
-                    ));
+                    );
                 }
-                span.set_attribute(KeyValue::new("error.type", kind.reason()));
+                span.attributes.str(&keys::ERROR_TYPE, kind.reason());
                 let attrs = match kind {
                     ErrorKind::RateLimited(rl) => vec![KeyValue::new(
                         "breakwater.retry_after_ms",
@@ -278,16 +278,15 @@ impl ServerSpan {
 /// What server and attempt spans both record of a response: its status, its gRPC
 /// status, and a 5xx as an error.
 fn record_answer(span: &mut SpanRecord, res: &Response<Body>, is_grpc: bool) {
-    let status = res.status().as_u16();
-    span.set_attribute(KeyValue::new(
-        "http.response.status_code",
-        i64::from(status),
-    ));
+    let status = res.status();
+    span.attributes
+        .int(&keys::STATUS_CODE, i64::from(status.as_u16()));
     if let Some(code) = is_grpc.then(|| grpc::status(res.headers())).flatten() {
-        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+        span.attributes
+            .int(&keys::GRPC_STATUS_CODE, i64::from(code));
     }
-    if status >= 500 {
-        span.set_attribute(KeyValue::new("error.type", status.to_string()));
+    if status.is_server_error() {
+        span.attributes.str(&keys::ERROR_TYPE, status.as_str());
         span.status = Status::error("");
     }
 }
@@ -337,14 +336,23 @@ where
 /// Per-route attempt tracing, held by the attempt layer.
 #[derive(Debug, Clone)]
 pub struct AttemptTrace {
-    upstream: StringValue,
+    /// `breakwater.upstream` and `http.request.method` for each method of
+    /// [`METHODS`], then for the others.
+    fixed: Arc<[Attributes]>,
 }
 
 impl AttemptTrace {
     /// For attempts sent to the upstream cluster `upstream`.
     pub fn new(upstream: &str) -> Self {
         AttemptTrace {
-            upstream: StringValue::from(Arc::<str>::from(upstream)),
+            fixed: method_names()
+                .map(|m| {
+                    let mut a = Attributes::default();
+                    a.str(&keys::UPSTREAM, upstream);
+                    a.str(&keys::METHOD, m);
+                    a
+                })
+                .collect(),
         }
     }
 
@@ -392,12 +400,9 @@ impl AttemptTrace {
                     0,
                 ));
         }
-        let mut attrs = Vec::with_capacity(ATTEMPT_ATTRS);
-        attrs.extend([
-            KeyValue::new("breakwater.attempt", i64::from(n)),
-            KeyValue::new("breakwater.upstream", self.upstream.clone()),
-            KeyValue::new("http.request.method", method_value(method)),
-        ]);
+        let mut attrs = Attributes::with_capacity(ATTR_BYTES);
+        attrs.int(&keys::ATTEMPT, i64::from(n));
+        attrs.extend(&self.fixed[method_index(method)]);
         SpanRecord::start(
             trace_id,
             rec.span_id,
@@ -423,17 +428,13 @@ impl AttemptSpan {
         match result {
             Ok(res) => {
                 record_answer(&mut span, res, is_grpc);
-                if let Some(ep) = res.extensions().get::<UpstreamEndpoint>() {
-                    if let Some((host, port)) = split_host_port(&ep.0) {
-                        span.set_attribute(KeyValue::new("server.address", host.to_string()));
-                        if let Some(port) = port {
-                            span.set_attribute(KeyValue::new("server.port", i64::from(port)));
-                        }
-                    }
+                if let Some(UpstreamEndpoint(ep)) = res.extensions().get() {
+                    span.attributes.extend(&ep.span_attributes);
                 }
             }
             Err(e) => {
-                span.set_attribute(KeyValue::new("error.type", ErrorKind::of_box(e).reason()));
+                span.attributes
+                    .str(&keys::ERROR_TYPE, ErrorKind::of_box(e).reason());
                 span.status = Status::error(e.to_string());
             }
         }
@@ -444,7 +445,7 @@ impl AttemptSpan {
 impl Drop for AttemptSpan {
     fn drop(&mut self) {
         if let Some((mut span, recorder, _)) = self.0.take() {
-            span.set_attribute(KeyValue::new("error.type", "cancelled"));
+            span.attributes.str(&keys::ERROR_TYPE, "cancelled");
             span.status = Status::error("attempt cancelled");
             recorder.finish(span);
         }
@@ -472,35 +473,22 @@ fn method_index(m: &Method) -> usize {
         .unwrap_or(METHODS.len())
 }
 
-fn method_value(m: &Method) -> Value {
-    // The conventions' word for a method outside the known set (bounded cardinality).
-    Value::from(METHODS.get(method_index(m)).map_or("_OTHER", |(_, n)| *n))
-}
-
-/// `host[:port]` or `[v6]:port` into host and port.
-fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
-    if s.is_empty() {
-        return None;
-    }
-    if let Some(rest) = s.strip_prefix('[') {
-        let end = rest.find(']')?;
-        let port = rest[end + 1..]
-            .strip_prefix(':')
-            .and_then(|p| p.parse().ok());
-        return Some((&rest[..end], port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => Some((h, p.parse().ok())),
-        Some(_) => Some((s, None)),
-        None => Some((s, None)),
-    }
+/// The `http.request.method` value of each index [`method_index`] returns: the
+/// conventions' `_OTHER` for a method outside the known set (bounded cardinality).
+fn method_names() -> impl Iterator<Item = &'static str> {
+    METHODS
+        .iter()
+        .map(|(_, n)| *n)
+        .chain(std::iter::once("_OTHER"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::CircuitOpen;
+    use crate::telemetry::span::Scalar;
     use crate::telemetry::tracing::parse_traceparent_value;
+    use opentelemetry::Value;
     use tower_test::mock;
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -516,10 +504,12 @@ mod tests {
     }
 
     fn attr(s: &SpanRecord, key: &str) -> Option<Value> {
-        s.attributes
-            .iter()
-            .find(|kv| kv.key.as_str() == key)
-            .map(|kv| kv.value.clone())
+        s.attributes.get(key).map(|v| match v {
+            Scalar::Str(s) => Value::from(s.to_string()),
+            Scalar::I64(i) => Value::from(i),
+            Scalar::Bool(b) => Value::from(b),
+            Scalar::F64(f) => Value::from(f),
+        })
     }
 
     /// Runs one request through the trace layer; the "stack" below it stamps each of
@@ -737,14 +727,5 @@ mod tests {
             attr(&spans[0], "error.type"),
             Some(Value::from("cancelled"))
         );
-    }
-
-    #[test]
-    fn host_and_port() {
-        assert_eq!(split_host_port("a.b:80"), Some(("a.b", Some(80))));
-        assert_eq!(split_host_port("a.b"), Some(("a.b", None)));
-        assert_eq!(split_host_port("[::1]:9000"), Some(("::1", Some(9000))));
-        assert_eq!(split_host_port("::1"), Some(("::1", None)));
-        assert_eq!(split_host_port(""), None);
     }
 }

@@ -27,9 +27,8 @@ use tower::Service;
 
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::{BoxError, UpstreamError, UpstreamErrorKind};
-use crate::http::{grpc, Attempt, Body, ClientAddr};
+use crate::http::{grpc, Attempt, Body, ClientAddr, EndpointAddr, UpstreamEndpoint};
 use crate::layers::classify::{GrpcPushback, GrpcStatus};
-use crate::layers::metrics::UpstreamEndpoint;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -41,7 +40,7 @@ static ATTEMPT: HeaderName = HeaderName::from_static("x-breakwater-attempt");
 #[derive(Debug)]
 struct Endpoint {
     authority: Authority,
-    label: Arc<str>,
+    label: Arc<EndpointAddr>,
     /// The endpoint's HTTP/2 connection, for `protocol: http2` upstreams.
     h2: Option<Arc<H2Connection>>,
 }
@@ -152,7 +151,7 @@ impl Upstream {
             .map(|e| {
                 Ok(Endpoint {
                     authority: e.parse::<Authority>()?,
-                    label: Arc::from(e.as_str()),
+                    label: Arc::new(EndpointAddr::new(e)),
                     h2: http2.then(|| {
                         Arc::new(H2Connection {
                             addr: e.clone(),
@@ -398,7 +397,7 @@ pin_project! {
         Sending {
             #[pin]
             fut: SendFut,
-            endpoint: Arc<str>,
+            endpoint: Arc<EndpointAddr>,
             prefetch: bool,
             held: Option<(http::response::Parts, hyper::body::Incoming)>,
         },
@@ -410,7 +409,7 @@ pin_project! {
 fn finish(
     mut parts: http::response::Parts,
     body: Body,
-    endpoint: &Arc<str>,
+    endpoint: &Arc<EndpointAddr>,
     early: TrailerInfo,
 ) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
@@ -539,7 +538,7 @@ mod tests {
     fn forwarding_headers_and_uri() {
         let ep = Endpoint {
             authority: "127.0.0.1:9000".parse().unwrap(),
-            label: Arc::from("127.0.0.1:9000"),
+            label: Arc::new(EndpointAddr::new("127.0.0.1:9000")),
             h2: None,
         };
         let mut req = Request::builder()

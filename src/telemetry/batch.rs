@@ -79,7 +79,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
 }
 
-/// Encoded spans waiting to be sent: `ScopeSpans.spans` entries.
+/// Encoded spans waiting to be sent: `ScopeSpans.spans` entries, after room kept
+/// free for the envelope ([`wire::headroom`]).
 #[derive(Debug, Default)]
 struct Batch {
     spans: Vec<u8>,
@@ -102,6 +103,8 @@ struct Shared {
     /// The resource's fields and the scope, in wire format.
     resource: Vec<u8>,
     scope: Vec<u8>,
+    /// The room kept in front of a batch's spans for the envelope.
+    headroom: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +156,7 @@ impl BatchProcessor {
             pending: Mutex::new(Batch::default()),
             max_batch,
             dropped: AtomicU64::new(0),
+            headroom: wire::headroom(&resource, &scope),
             resource,
             scope,
         });
@@ -224,7 +228,9 @@ impl BatchProcessor {
         let full = {
             let mut pending = lock(&self.shared.pending);
             if pending.spans.capacity() == 0 {
-                pending.spans.reserve(self.shared.max_batch * 320);
+                let room = self.shared.headroom;
+                pending.spans.reserve(room + self.shared.max_batch * 320);
+                pending.spans.resize(room, 0);
             }
             pending.spans.extend_from_slice(encoded);
             pending.count += 1;
@@ -324,8 +330,12 @@ impl ExportTask {
         if batch.count == 0 {
             return Ok(());
         }
-        let message = wire::export_request(&self.shared.resource, &self.shared.scope, &batch.spans);
-        drop(batch);
+        let message = wire::export_request(
+            &self.shared.resource,
+            &self.shared.scope,
+            batch.spans,
+            self.shared.headroom,
+        );
         transport.send(message).await.inspect_err(|e| {
             tracing::warn!(error = %e, "tracing: exporting spans failed; they are dropped");
         })
@@ -351,7 +361,7 @@ mod tests {
     }
 
     impl Transport for Counting {
-        async fn send(&self, message: Vec<u8>) -> Result<(), String> {
+        async fn send(&self, message: wire::Message) -> Result<(), String> {
             let req = ExportTraceServiceRequest::decode(message.as_slice()).unwrap();
             let rs = &req.resource_spans[0];
             let n: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
@@ -388,7 +398,7 @@ mod tests {
                 false,
                 SpanKind::Server,
                 "s".into(),
-                Vec::new(),
+                Default::default(),
             );
             p.record(&s);
         }
@@ -476,9 +486,11 @@ mod tests {
             false,
             SpanKind::Server,
             "s".into(),
-            vec![KeyValue::new("url.path", "/x".repeat(32 * 1024))],
+            Default::default(),
         );
-        s.set_attribute(KeyValue::new("k", "v"));
+        s.attributes
+            .str(&wire::AttrKey::new("url.path"), &"/x".repeat(32 * 1024));
+        s.attributes.str(&wire::AttrKey::new("k"), "v");
         for _ in 0..60 {
             p.record(&s);
         }

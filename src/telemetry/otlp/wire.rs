@@ -99,36 +99,71 @@ fn end(out: &mut Vec<u8>, start: usize) {
     out[at] = v as u8;
 }
 
-/// An `AnyValue` member written directly (its size is known up front), or `None`
-/// for arrays and kinds added to the API later.
-#[inline]
-fn scalar_len(v: &Value) -> Option<usize> {
-    Some(match v {
-        Value::String(s) => 1 + varint_len(s.as_str().len() as u64) + s.as_str().len(),
-        Value::I64(i) => 1 + varint_len(*i as u64),
-        Value::Bool(_) => 2,
-        Value::F64(_) => 9,
-        _ => return None,
-    })
+/// A scalar attribute value, borrowed: what spans record on the hot path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
+    /// A string.
+    Str(&'a str),
+    /// An integer.
+    I64(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A double.
+    F64(f64),
 }
 
-/// The members of an `AnyValue` (a oneof: a present member is written even when
-/// it is zero or empty).
+impl<'a> Scalar<'a> {
+    /// The scalar of a value, or `None` for arrays and kinds added to the API later.
+    #[inline]
+    fn of(v: &'a Value) -> Option<Scalar<'a>> {
+        Some(match v {
+            Value::String(s) => Scalar::Str(s.as_str()),
+            Value::I64(i) => Scalar::I64(*i),
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::F64(f) => Scalar::F64(*f),
+            _ => return None,
+        })
+    }
+
+    /// The length of its `AnyValue` message.
+    #[inline]
+    fn len(&self) -> usize {
+        match self {
+            Scalar::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
+            Scalar::I64(i) => 1 + varint_len(*i as u64),
+            Scalar::Bool(_) => 2,
+            Scalar::F64(_) => 9,
+        }
+    }
+
+    /// Writes the members of its `AnyValue` (a oneof: a present member is written
+    /// even when it is zero or empty).
+    #[inline(always)]
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Scalar::Str(s) => put_bytes(out, 1, s.as_bytes()),
+            Scalar::Bool(b) => {
+                out.push(key(2, VARINT));
+                out.push(u8::from(*b));
+            }
+            Scalar::I64(i) => {
+                out.push(key(3, VARINT));
+                put_varint(out, *i as u64);
+            }
+            Scalar::F64(f) => {
+                out.push(key(4, FIXED64));
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The members of a non-scalar `AnyValue`.
 fn put_any_members(out: &mut Vec<u8>, v: &Value) {
+    if let Some(s) = Scalar::of(v) {
+        return s.put(out);
+    }
     match v {
-        Value::String(s) => put_bytes(out, 1, s.as_str().as_bytes()),
-        Value::Bool(b) => {
-            out.push(key(2, VARINT));
-            out.push(u8::from(*b));
-        }
-        Value::I64(i) => {
-            out.push(key(3, VARINT));
-            put_varint(out, *i as u64);
-        }
-        Value::F64(f) => {
-            out.push(key(4, FIXED64));
-            out.extend_from_slice(&f.to_le_bytes());
-        }
         Value::Array(a) => {
             let arr = begin(out, 5);
             match a {
@@ -162,27 +197,229 @@ fn put_any(out: &mut Vec<u8>, field: u8, v: &Value) {
 
 /// One `KeyValue` as field `field`.
 fn put_kv(out: &mut Vec<u8>, field: u8, k: &str, v: &Value) {
-    let Some(value_len) = scalar_len(v) else {
-        let at = begin(out, field);
-        put_str(out, 1, k);
-        put_any(out, 2, v);
-        end(out, at);
-        return;
-    };
+    match Scalar::of(v) {
+        Some(s) => put_scalar_kv(out, field, k, s),
+        None => {
+            let at = begin(out, field);
+            put_str(out, 1, k);
+            put_any(out, 2, v);
+            end(out, at);
+        }
+    }
+}
+
+/// One `KeyValue` with a scalar value as field `field`: every length is known up
+/// front, so it is written in one pass into space reserved once.
+#[inline]
+fn put_scalar_kv(out: &mut Vec<u8>, field: u8, k: &str, v: Scalar<'_>) {
+    let value_len = v.len();
     let key_len = if k.is_empty() {
         0
     } else {
         1 + varint_len(k.len() as u64) + k.len()
     };
+    let kv_len = key_len + 1 + varint_len(value_len as u64) + value_len;
+    out.reserve(1 + varint_len(kv_len as u64) + kv_len);
     out.push(key(field, LEN));
-    put_varint(
-        out,
-        (key_len + 1 + varint_len(value_len as u64) + value_len) as u64,
-    );
+    put_varint(out, kv_len as u64);
     put_str(out, 1, k);
     out.push(key(2, LEN));
     put_varint(out, value_len as u64);
-    put_any_members(out, v);
+    v.put(out);
+}
+
+/// An attribute key with its `KeyValue.key` field (tag, length, bytes) written at
+/// compile time: recording an attribute then copies it whole.
+#[derive(Clone, Copy)]
+pub struct AttrKey {
+    field: [u8; AttrKey::MAX + 2],
+    len: u8,
+}
+
+impl AttrKey {
+    /// The longest key: its length must fit in one byte of varint.
+    const MAX: usize = 62;
+
+    /// The key `k`; a key longer than 62 bytes or empty does not compile.
+    pub const fn new(k: &str) -> AttrKey {
+        let b = k.as_bytes();
+        assert!(
+            !b.is_empty() && b.len() <= AttrKey::MAX,
+            "attribute keys are 1 to 62 bytes"
+        );
+        let mut field = [0u8; AttrKey::MAX + 2];
+        field[0] = key(1, LEN);
+        field[1] = b.len() as u8;
+        let mut i = 0;
+        while i < b.len() {
+            field[2 + i] = b[i];
+            i += 1;
+        }
+        AttrKey {
+            field,
+            len: b.len() as u8 + 2,
+        }
+    }
+
+    #[inline]
+    fn field(&self) -> &[u8] {
+        &self.field[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for AttrKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.field()[2..]))
+    }
+}
+
+/// One `Span.attributes` entry with a scalar value and a key written ahead.
+#[inline]
+fn put_span_attr(out: &mut Vec<u8>, k: &AttrKey, v: Scalar<'_>) {
+    let k = k.field();
+    let value_len = v.len();
+    let kv_len = k.len() + 1 + varint_len(value_len as u64) + value_len;
+    out.reserve(1 + varint_len(kv_len as u64) + kv_len);
+    out.push(key(SPAN_ATTRIBUTES, LEN));
+    put_varint(out, kv_len as u64);
+    out.extend_from_slice(k);
+    out.push(key(2, LEN));
+    put_varint(out, value_len as u64);
+    v.put(out);
+}
+
+/// A span's attributes, kept in wire format (`Span.attributes` entries) as they are
+/// set: recording one costs a copy of its key and value into one buffer, with no
+/// `KeyValue` to build, no string to own and nothing to convert at export.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Attributes(Vec<u8>);
+
+/// The field of `Span.attributes`.
+const SPAN_ATTRIBUTES: u8 = 9;
+
+impl Attributes {
+    /// Empty, with room for `bytes` of attributes.
+    pub fn with_capacity(bytes: usize) -> Attributes {
+        Attributes(Vec::with_capacity(bytes))
+    }
+
+    /// Adds a string attribute.
+    #[inline]
+    pub fn str(&mut self, key: &AttrKey, value: &str) {
+        put_span_attr(&mut self.0, key, Scalar::Str(value));
+    }
+
+    /// Adds an integer attribute.
+    #[inline]
+    pub fn int(&mut self, key: &AttrKey, value: i64) {
+        put_span_attr(&mut self.0, key, Scalar::I64(value));
+    }
+
+    /// Adds an attribute of any kind.
+    pub fn push(&mut self, kv: &KeyValue) {
+        put_kv(&mut self.0, SPAN_ATTRIBUTES, kv.key.as_str(), &kv.value);
+    }
+
+    /// Adds attributes recorded elsewhere (ones every span of a route shares).
+    #[inline]
+    pub fn extend(&mut self, other: &Attributes) {
+        self.0.extend_from_slice(&other.0);
+    }
+
+    /// The attributes in wire format.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The attributes in the order they were set; values that are not scalars
+    /// (arrays) are left out.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Scalar<'_>)> + '_ {
+        let mut rest = self.0.as_slice();
+        std::iter::from_fn(move || loop {
+            let (field, entry, after) = read_len_field(rest)?;
+            rest = after;
+            if field != SPAN_ATTRIBUTES {
+                continue;
+            }
+            if let Some(kv) = decode_scalar_kv(entry) {
+                return Some(kv);
+            }
+        })
+    }
+
+    /// The value of the first attribute named `key`, if it is a scalar.
+    pub fn get(&self, key: &str) -> Option<Scalar<'_>> {
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}
+
+impl std::fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<'a> FromIterator<&'a KeyValue> for Attributes {
+    fn from_iter<I: IntoIterator<Item = &'a KeyValue>>(iter: I) -> Attributes {
+        let mut a = Attributes::default();
+        iter.into_iter().for_each(|kv| a.push(kv));
+        a
+    }
+}
+
+fn read_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// One length-delimited field with a one-byte key: its number, its bytes and what
+/// follows it.
+fn read_len_field(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&k, rest) = b.split_first()?;
+    if k & 7 != LEN {
+        return None;
+    }
+    let (len, rest) = read_varint(rest)?;
+    let len = usize::try_from(len).ok().filter(|l| *l <= rest.len())?;
+    Some((k >> 3, &rest[..len], &rest[len..]))
+}
+
+/// A `KeyValue` message with a scalar value, as [`put_scalar_kv`] writes it.
+fn decode_scalar_kv(mut b: &[u8]) -> Option<(&str, Scalar<'_>)> {
+    let mut key = "";
+    let mut value = None;
+    while !b.is_empty() {
+        let (field, bytes, rest) = read_len_field(b)?;
+        b = rest;
+        match field {
+            1 => key = std::str::from_utf8(bytes).ok()?,
+            2 => value = decode_scalar(bytes),
+            _ => {}
+        }
+    }
+    Some((key, value?))
+}
+
+fn decode_scalar(b: &[u8]) -> Option<Scalar<'_>> {
+    let (&k, rest) = b.split_first()?;
+    Some(match k {
+        k if k == key(1, LEN) => {
+            let (_, s, _) = read_len_field(b)?;
+            Scalar::Str(std::str::from_utf8(s).ok()?)
+        }
+        k if k == key(2, VARINT) => Scalar::Bool(read_varint(rest)?.0 != 0),
+        k if k == key(3, VARINT) => Scalar::I64(read_varint(rest)?.0 as i64),
+        k if k == key(4, FIXED64) => {
+            Scalar::F64(f64::from_le_bytes(rest.get(..8)?.try_into().ok()?))
+        }
+        _ => return None,
+    })
 }
 
 fn put_attributes<'a>(out: &mut Vec<u8>, field: u8, attrs: impl IntoIterator<Item = &'a KeyValue>) {
@@ -234,7 +471,7 @@ pub fn put_span(out: &mut Vec<u8>, s: &SpanRecord) {
     put_uint(out, 6, kind_code(&s.span_kind));
     put_fixed64(out, 7, nanos(s.start_time));
     put_fixed64(out, 8, nanos(s.end_time));
-    put_attributes(out, 9, &s.attributes);
+    out.extend_from_slice(s.attributes.as_bytes());
     for e in &s.events {
         let ev = begin(out, 11);
         put_fixed64(out, 1, nanos(e.timestamp));
@@ -278,26 +515,76 @@ pub fn encode_scope(name: &str, version: &str) -> Vec<u8> {
     out
 }
 
+/// Bytes a transport may put in front of an export request (gRPC's message frame).
+pub const FRAMING: usize = 5;
+
+/// The room [`export_request`] needs in front of the spans: the envelope (three
+/// one-byte keys, three lengths of at most 10 bytes, the resource and the scope)
+/// and a transport's [`FRAMING`].
+pub fn headroom(resource: &[u8], scope: &[u8]) -> usize {
+    resource.len() + scope.len() + 3 + 3 * 10 + FRAMING
+}
+
+/// An encoded export request in a buffer with free room in front of it, so that the
+/// envelope and a transport's framing go in front of the batch without copying it.
+#[derive(Debug)]
+pub struct Message {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Message {
+    /// The message's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Puts `prefix` in front of the message: into the free room, or by copying the
+    /// message when there is not enough of it.
+    pub fn prepend(&mut self, prefix: &[u8]) {
+        if let Some(at) = self.start.checked_sub(prefix.len()) {
+            self.buf[at..self.start].copy_from_slice(prefix);
+            self.start = at;
+        } else {
+            let mut buf = Vec::with_capacity(prefix.len() + self.buf.len() - self.start);
+            buf.extend_from_slice(prefix);
+            buf.extend_from_slice(self.as_slice());
+            *self = Message { buf, start: 0 };
+        }
+    }
+
+    /// The message as a request body.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.buf).slice(self.start..)
+    }
+}
+
 /// An `ExportTraceServiceRequest`: one `ResourceSpans` (the resource's fields as
 /// [`encode_resource`] wrote them) with one `ScopeSpans` (the scope as
-/// [`encode_scope`] wrote it, and spans as [`put_span`] wrote them).
-pub fn export_request(resource: &[u8], scope: &[u8], spans: &[u8]) -> Vec<u8> {
-    let scope_spans = scope.len() + spans.len();
+/// [`encode_scope`] wrote it, and the spans [`put_span`] wrote into `buf` from
+/// `spans_at` on). The envelope goes into the room in front of the spans (see
+/// [`headroom`]).
+pub fn export_request(resource: &[u8], scope: &[u8], buf: Vec<u8>, spans_at: usize) -> Message {
+    let scope_spans = scope.len() + buf.len().saturating_sub(spans_at);
     let rs_len = 1
         + varint_len(resource.len() as u64)
         + resource.len()
         + 1
         + varint_len(scope_spans as u64)
         + scope_spans;
-    let mut out = Vec::with_capacity(rs_len + 8);
-    out.push(key(1, LEN));
-    put_varint(&mut out, rs_len as u64);
-    put_bytes(&mut out, 1, resource);
-    out.push(key(2, LEN));
-    put_varint(&mut out, scope_spans as u64);
-    out.extend_from_slice(scope);
-    out.extend_from_slice(spans);
-    out
+    let mut head = Vec::with_capacity(headroom(resource, scope));
+    head.push(key(1, LEN));
+    put_varint(&mut head, rs_len as u64);
+    put_bytes(&mut head, 1, resource);
+    head.push(key(2, LEN));
+    put_varint(&mut head, scope_spans as u64);
+    head.extend_from_slice(scope);
+    let mut m = Message {
+        buf,
+        start: spans_at,
+    };
+    m.prepend(&head);
+    m
 }
 
 #[cfg(test)]
@@ -312,6 +599,28 @@ mod tests {
     use opentelemetry_sdk::Resource;
     use prost::Message as _;
     use std::time::Duration;
+
+    /// Attributes of every kind, as set on span `n`.
+    fn attrs(n: u64) -> Vec<KeyValue> {
+        vec![
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("url.path", "/a/".repeat(50 * n as usize)),
+            KeyValue::new("http.response.status_code", 200 + n as i64),
+            KeyValue::new("neg", -5i64),
+            KeyValue::new("zero", 0i64),
+            KeyValue::new("empty", ""),
+            KeyValue::new("", "no key"),
+            KeyValue::new("flag", n % 2 == 0),
+            KeyValue::new("ratio", 0.25),
+            KeyValue::new("ints", Value::Array(Array::I64(vec![1, -2, 300]))),
+            KeyValue::new(
+                "strs",
+                Value::Array(Array::String(vec!["a".into(), "".into()])),
+            ),
+            KeyValue::new("bools", Value::Array(Array::Bool(vec![true, false]))),
+            KeyValue::new("floats", Value::Array(Array::F64(vec![1.5]))),
+        ]
+    }
 
     fn span(n: u64) -> SpanRecord {
         let t0 = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789 + n);
@@ -334,24 +643,7 @@ mod tests {
             name: format!("GET route-{n}").into(),
             start_time: t0,
             end_time: t0 + Duration::from_micros(250 + n),
-            attributes: vec![
-                KeyValue::new("http.request.method", "GET"),
-                KeyValue::new("url.path", "/a/".repeat(50 * n as usize)),
-                KeyValue::new("http.response.status_code", 200 + n as i64),
-                KeyValue::new("neg", -5i64),
-                KeyValue::new("zero", 0i64),
-                KeyValue::new("empty", ""),
-                KeyValue::new("", "no key"),
-                KeyValue::new("flag", n % 2 == 0),
-                KeyValue::new("ratio", 0.25),
-                KeyValue::new("ints", Value::Array(Array::I64(vec![1, -2, 300]))),
-                KeyValue::new(
-                    "strs",
-                    Value::Array(Array::String(vec!["a".into(), "".into()])),
-                ),
-                KeyValue::new("bools", Value::Array(Array::Bool(vec![true, false]))),
-                KeyValue::new("floats", Value::Array(Array::F64(vec![1.5]))),
-            ],
+            attributes: attrs(n).iter().collect(),
             events: vec![
                 Event::new("retry", t0, vec![KeyValue::new("breakwater.attempt", 2)], 0),
                 Event::new("fallback", t0, Vec::new(), 3),
@@ -365,7 +657,7 @@ mod tests {
     }
 
     /// The same span as the SDK would hand to opentelemetry-otlp.
-    fn as_sdk(s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
+    fn as_sdk(n: u64, s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
         let mut events = SpanEvents::default();
         events.events = s.events.clone();
         SpanData {
@@ -382,7 +674,7 @@ mod tests {
             name: s.name.as_str().to_string().into(),
             start_time: s.start_time,
             end_time: s.end_time,
-            attributes: s.attributes.clone(),
+            attributes: attrs(n),
             dropped_attributes_count: 0,
             events,
             links: SpanLinks::default(),
@@ -405,17 +697,23 @@ mod tests {
         for r in &records {
             put_span(&mut spans, r);
         }
-        let ours = export_request(
-            &encode_resource(&attrs),
-            &encode_scope("breakwater", "1.2.3"),
-            &spans,
-        );
+        // The envelope in the room left in front of the spans, as the batcher does it.
+        let (resource, scope_bytes) =
+            (encode_resource(&attrs), encode_scope("breakwater", "1.2.3"));
+        let room = headroom(&resource, &scope_bytes);
+        let mut buf = vec![0; room];
+        buf.extend_from_slice(&spans);
+        let message = export_request(&resource, &scope_bytes, buf, room);
+        let ours = message.as_slice().to_vec();
         let decoded = ExportTraceServiceRequest::decode(ours.as_slice()).unwrap();
 
         let resource = Resource::builder_empty().with_attributes(attrs).build();
         let reference = ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(
-                records.iter().map(|r| as_sdk(r, &scope)).collect(),
+                (0..)
+                    .zip(&records)
+                    .map(|(n, r)| as_sdk(n, r, &scope))
+                    .collect(),
                 &ResourceAttributesWithSchema::from(&resource),
             ),
         };
@@ -436,7 +734,8 @@ mod tests {
     #[test]
     fn long_nested_messages_get_multibyte_lengths() {
         let mut s = span(1);
-        s.attributes = vec![KeyValue::new("big", "x".repeat(70_000))];
+        s.attributes = Attributes::default();
+        s.attributes.str(&AttrKey::new("big"), &"x".repeat(70_000));
         s.events = vec![Event::new(
             "e",
             UNIX_EPOCH,
@@ -448,12 +747,48 @@ mod tests {
         )];
         let mut spans = Vec::new();
         put_span(&mut spans, &s);
-        let bytes = export_request(&[], &encode_scope("s", ""), &spans);
-        let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
+        // No room in front: the envelope is copied in front of the spans.
+        let message = export_request(&[], &encode_scope("s", ""), spans, 0);
+        let decoded = ExportTraceServiceRequest::decode(message.as_slice()).unwrap();
         let span = &decoded.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.attributes[0].key, "big");
         assert_eq!(span.events[0].attributes[0].key, "a");
         assert_eq!(span.name, "GET route-1");
+    }
+
+    #[test]
+    fn attributes_read_back_as_set() {
+        let mut a = Attributes::default();
+        a.str(&AttrKey::new("url.path"), "/x");
+        a.int(&AttrKey::new("http.response.status_code"), 503);
+        a.int(&AttrKey::new("neg"), -1);
+        a.push(&KeyValue::new("flag", true));
+        a.push(&KeyValue::new("ratio", 0.5));
+        a.push(&KeyValue::new("ints", Value::Array(Array::I64(vec![1]))));
+        a.push(&KeyValue::new("", "no key"));
+        let read: Vec<_> = a.iter().collect();
+        assert_eq!(
+            read,
+            [
+                ("url.path", Scalar::Str("/x")),
+                ("http.response.status_code", Scalar::I64(503)),
+                ("neg", Scalar::I64(-1)),
+                ("flag", Scalar::Bool(true)),
+                ("ratio", Scalar::F64(0.5)),
+                ("", Scalar::Str("no key")),
+            ]
+        );
+        assert_eq!(a.get("neg"), Some(Scalar::I64(-1)));
+        assert_eq!(a.get("ints"), None);
+        // The typed writers write what the generic one does.
+        let generic: Attributes = [
+            KeyValue::new("url.path", "/x"),
+            KeyValue::new("http.response.status_code", 503i64),
+            KeyValue::new("neg", -1i64),
+        ]
+        .iter()
+        .collect();
+        assert!(a.as_bytes().starts_with(generic.as_bytes()));
     }
 
     #[test]
