@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 use super::fallback::FallbackAnswer;
 use crate::error::{BoxError, ErrorKind};
 use crate::http::{grpc, split_host_port, synthetic, Attempt, Body, UpstreamEndpoint};
-use crate::telemetry::span::{keys, Attributes, Recorder, SpanRecord};
+use crate::telemetry::span::{keys, AttrKey, Attributes, Recorder, SpanRecord};
 use crate::telemetry::tracing::{
     client_trace_state, format_traceparent, parse_traceparent, random_span_id, random_trace_id,
     Parent, Recording, TraceCtx, Tracing, TRACEPARENT, TRACESTATE,
@@ -76,14 +76,7 @@ impl TraceLayer {
                         .chain(std::iter::once(&"HTTP"))
                         .map(|m| StringValue::from(Arc::<str>::from(format!("{m} {route}"))))
                         .collect(),
-                    fixed: method_names()
-                        .map(|m| {
-                            let mut a = Attributes::default();
-                            a.str(&keys::METHOD, m);
-                            a.str(&keys::ROUTE, route);
-                            a
-                        })
-                        .collect(),
+                    fixed: per_method((&keys::ROUTE, route)).collect(),
                 })
             }),
         }
@@ -345,14 +338,7 @@ impl AttemptTrace {
     /// For attempts sent to the upstream cluster `upstream`.
     pub fn new(upstream: &str) -> Self {
         AttemptTrace {
-            fixed: method_names()
-                .map(|m| {
-                    let mut a = Attributes::default();
-                    a.str(&keys::UPSTREAM, upstream);
-                    a.str(&keys::METHOD, m);
-                    a
-                })
-                .collect(),
+            fixed: per_method((&keys::UPSTREAM, upstream)).collect(),
         }
     }
 
@@ -473,13 +459,20 @@ fn method_index(m: &Method) -> usize {
         .unwrap_or(METHODS.len())
 }
 
-/// The `http.request.method` value of each index [`method_index`] returns: the
-/// conventions' `_OTHER` for a method outside the known set (bounded cardinality).
-fn method_names() -> impl Iterator<Item = &'static str> {
+/// For each index [`method_index`] returns, the attributes every span of a route
+/// with that method starts with: `http.request.method` (the conventions' `_OTHER`
+/// for a method outside the known set, so cardinality stays bounded) and `also`.
+fn per_method<'a>(also: (&'a AttrKey, &'a str)) -> impl Iterator<Item = Attributes> + 'a {
     METHODS
         .iter()
         .map(|(_, n)| *n)
         .chain(std::iter::once("_OTHER"))
+        .map(move |m| {
+            let mut a = Attributes::default();
+            a.str(&keys::METHOD, m);
+            a.str(also.0, also.1);
+            a
+        })
 }
 
 #[cfg(test)]
