@@ -105,6 +105,8 @@ struct Shared {
     scope: Vec<u8>,
     /// The room kept in front of a batch's spans for the envelope.
     headroom: usize,
+    /// Buffers of sent batches, for the next ones.
+    buffers: Arc<wire::BufferPool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,6 +159,7 @@ impl BatchProcessor {
             max_batch,
             dropped: AtomicU64::new(0),
             headroom: wire::headroom(&resource, &scope),
+            buffers: Arc::default(),
             resource,
             scope,
         });
@@ -229,7 +232,7 @@ impl BatchProcessor {
             let mut pending = lock(&self.shared.pending);
             if pending.spans.capacity() == 0 {
                 let room = self.shared.headroom;
-                pending.spans.reserve(room + self.shared.max_batch * 320);
+                pending.spans = self.shared.buffers.take(room + self.shared.max_batch * 320);
                 pending.spans.resize(room, 0);
             }
             pending.spans.extend_from_slice(encoded);
@@ -335,6 +338,7 @@ impl ExportTask {
             &self.shared.scope,
             batch.spans,
             self.shared.headroom,
+            Some(self.shared.buffers.clone()),
         );
         transport.send(message).await.inspect_err(|e| {
             tracing::warn!(error = %e, "tracing: exporting spans failed; they are dropped");
