@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod layers;
 pub mod proxy;
+pub mod sync;
 pub mod telemetry;
 
 use std::future::Future;

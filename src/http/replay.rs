@@ -7,7 +7,7 @@
 //! replayable.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use http_body::{Body as _, Frame, SizeHint};
 
 use super::body::Body;
 use crate::error::BoxError;
+use crate::sync::lock;
 
 #[derive(Debug)]
 struct Shared {
@@ -41,12 +42,6 @@ pub struct ReplayBody {
     pos: usize,
     trailers_sent: bool,
     hint: SizeHint,
-}
-
-fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    // A panic while holding this lock cannot leave the buffer half-written in a way
-    // that matters more than losing the request, so recover the guard.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ReplayBody {

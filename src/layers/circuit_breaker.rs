@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use crate::config::{CircuitBreakerConfig, Mode};
 use crate::error::{BoxError, CircuitOpen, TimeoutKind};
 use crate::http::{Body, Deadline};
 use crate::layers::classify::{Conditions, Outcome};
+use crate::sync::lock;
 use crate::telemetry::metrics::{Metrics, ObservedLabels, RouteLabels, TransitionLabels};
 
 /// The state of a breaker, spelled the same in `/status`, metric labels and logs.
@@ -644,10 +645,7 @@ impl Breaker {
     /// current state: half-open to half-open starts a new round of probes, closed to
     /// closed (`auto`) starts a fresh window.
     fn transition(&self, expected: Option<u64>, to: State, at: u64) -> bool {
-        let _guard = self
-            .transition
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = lock(&self.transition);
         let cur = self.word.load(Ordering::Acquire);
         if expected.is_some_and(|e| e != cur) {
             return false; // someone else moved it first

@@ -196,13 +196,10 @@ where
             let (attempts, endpoint, proxy_status) = match &result {
                 Ok(r) => (
                     r.extensions().get::<Attempt>().map(|a| a.0).unwrap_or(1),
-                    r.extensions()
-                        .get::<UpstreamEndpoint>()
-                        .map(|e| e.0.clone()),
+                    r.extensions().get::<UpstreamEndpoint>().map(|e| &*e.0.addr),
                     r.headers()
                         .get(&synthetic::PROXY_STATUS)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
+                        .and_then(|v| v.to_str().ok()),
                 ),
                 Err(_) => (0, None, None),
             };
@@ -216,9 +213,9 @@ where
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 attempts,
-                upstream = %endpoint.as_ref().map_or("-", |e| &e.addr),
+                upstream = %endpoint.unwrap_or("-"),
                 reason = reason.unwrap_or("-"),
-                proxy_status = %proxy_status.as_deref().unwrap_or("-"),
+                proxy_status = %proxy_status.unwrap_or("-"),
                 trace_id = %info.trace_id.unwrap_or(TraceId::INVALID),
                 "request"
             );

@@ -32,6 +32,7 @@ use tower::{Layer, Service};
 use super::fallback::FallbackAnswer;
 use crate::error::{BoxError, ErrorKind};
 use crate::http::{grpc, split_host_port, synthetic, Attempt, Body, UpstreamEndpoint};
+use crate::sync::lock;
 use crate::telemetry::span::{keys, AttrKey, Attributes, Recorder, SpanRecord};
 use crate::telemetry::tracing::{
     client_trace_state, format_traceparent, parse_traceparent, random_span_id, random_trace_id,
@@ -192,11 +193,7 @@ struct ServerRec {
 
 impl ServerRec {
     fn end(mut self) {
-        let mut events = self
-            .rec
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut events = lock(&self.rec.events);
         if !events.is_empty() {
             // Retries happened before the outcome's events: keep time order.
             events.append(&mut self.span.events);
@@ -376,15 +373,12 @@ impl AttemptTrace {
         n: u32,
     ) -> SpanRecord {
         if n > 1 {
-            rec.events
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(Event::new(
-                    "retry",
-                    SystemTime::now(),
-                    vec![KeyValue::new("breakwater.attempt", i64::from(n))],
-                    0,
-                ));
+            lock(&rec.events).push(Event::new(
+                "retry",
+                SystemTime::now(),
+                vec![KeyValue::new("breakwater.attempt", i64::from(n))],
+                0,
+            ));
         }
         let mut attrs = Attributes::with_capacity(ATTR_BYTES);
         attrs.int(&keys::ATTEMPT, i64::from(n));

@@ -29,6 +29,7 @@ use crate::config::{Protocol, UpstreamConfig};
 use crate::error::{BoxError, UpstreamError, UpstreamErrorKind};
 use crate::http::{grpc, Attempt, Body, ClientAddr, EndpointAddr, UpstreamEndpoint};
 use crate::layers::classify::{GrpcPushback, GrpcStatus};
+use crate::sync::lock;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -76,7 +77,7 @@ fn connect_error(e: impl Into<BoxError>) -> UpstreamError {
 
 impl H2Connection {
     fn current(&self) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
-        let guard = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = lock(&self.sender);
         guard.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
@@ -110,7 +111,7 @@ impl H2Connection {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        *lock(&self.sender) = Some(sender.clone());
         Ok(sender)
     }
 

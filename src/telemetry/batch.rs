@@ -13,7 +13,7 @@
 //! than everything else tracing does.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::otlp::wire;
 use super::otlp::Transport;
 use super::span::SpanRecord;
+use crate::sync::lock;
 
 /// Sizes and timing of the batcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,11 +108,6 @@ struct Shared {
     headroom: usize,
     /// Buffers of sent batches, for the next ones.
     buffers: Arc<wire::BufferPool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its data consistent, even if it panicked.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
@@ -252,6 +248,9 @@ impl BatchProcessor {
             self.shared
                 .dropped
                 .fetch_add(b.count as u64, Ordering::Relaxed);
+            // Kept for the next batch: a slow collector must not turn every dropped
+            // batch into a large free and allocation.
+            self.shared.buffers.give(b.spans);
         }
     }
 }
@@ -394,17 +393,20 @@ mod tests {
         )
     }
 
+    fn span() -> SpanRecord {
+        SpanRecord::start(
+            TraceId::from(1),
+            SpanId::INVALID,
+            false,
+            SpanKind::Server,
+            "s".into(),
+            Default::default(),
+        )
+    }
+
     fn end_spans(p: &BatchProcessor, n: usize) {
         for _ in 0..n {
-            let s = SpanRecord::start(
-                TraceId::from(1),
-                SpanId::INVALID,
-                false,
-                SpanKind::Server,
-                "s".into(),
-                Default::default(),
-            );
-            p.record(&s);
+            p.record(&span());
         }
     }
 
@@ -484,14 +486,7 @@ mod tests {
     async fn big_spans_end_a_batch_early() {
         let c = Counting::default();
         let p = spawn(c.clone(), BatchConfig::default());
-        let mut s = SpanRecord::start(
-            TraceId::from(1),
-            SpanId::INVALID,
-            false,
-            SpanKind::Server,
-            "s".into(),
-            Default::default(),
-        );
+        let mut s = span();
         s.attributes
             .str(&wire::AttrKey::new("url.path"), &"/x".repeat(32 * 1024));
         s.attributes.str(&wire::AttrKey::new("k"), "v");

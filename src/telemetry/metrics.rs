@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::sync::lock;
+
 /// `{listener, route, method, status}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -279,7 +281,7 @@ impl Metrics {
     /// The OpenMetrics text exposition of every family.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let reg = lock(&self.registry);
         if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
             out.clear();
         }

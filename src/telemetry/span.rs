@@ -26,6 +26,7 @@ use opentelemetry::{KeyValue, StringValue};
 
 use super::batch::BatchProcessor;
 pub use super::otlp::wire::{AttrKey, Attributes, Scalar};
+use crate::sync::lock;
 
 /// The attribute keys breakwater's spans use: the HTTP semantic conventions' and
 /// its own (`breakwater.*`).
@@ -174,10 +175,7 @@ impl Recorder {
         span.end_time = SystemTime::now();
         match &self.sink {
             Sink::Batch(b) => b.record(&span),
-            Sink::Memory(m) => m
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(span),
+            Sink::Memory(m) => lock(m).push(span),
         }
     }
 }

@@ -7,8 +7,10 @@
 
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceState};
 use opentelemetry::{Array, KeyValue, Value};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::sync::lock;
 
 use crate::telemetry::span::SpanRecord;
 
@@ -209,21 +211,35 @@ fn put_kv(out: &mut Vec<u8>, field: u8, k: &str, v: &Value) {
     }
 }
 
-/// One `KeyValue` with a scalar value as field `field`: every length is known up
-/// front, so it is written in one pass into space reserved once.
+/// One `KeyValue` with a scalar value as field `field`.
 #[inline]
 fn put_scalar_kv(out: &mut Vec<u8>, field: u8, k: &str, v: Scalar<'_>) {
-    let value_len = v.len();
+    // proto3 leaves an empty key out.
     let key_len = if k.is_empty() {
         0
     } else {
         1 + varint_len(k.len() as u64) + k.len()
     };
+    put_scalar_entry(out, field, key_len, |out| put_str(out, 1, k), v);
+}
+
+/// A `KeyValue` with a scalar value as field `field`, its key field (`key_len` bytes)
+/// written by `put_key`: every length is known up front, so it is written in one
+/// pass into space reserved once.
+#[inline(always)]
+fn put_scalar_entry(
+    out: &mut Vec<u8>,
+    field: u8,
+    key_len: usize,
+    put_key: impl FnOnce(&mut Vec<u8>),
+    v: Scalar<'_>,
+) {
+    let value_len = v.len();
     let kv_len = key_len + 1 + varint_len(value_len as u64) + value_len;
     out.reserve(1 + varint_len(kv_len as u64) + kv_len);
     out.push(key(field, LEN));
     put_varint(out, kv_len as u64);
-    put_str(out, 1, k);
+    put_key(out);
     out.push(key(2, LEN));
     put_varint(out, value_len as u64);
     v.put(out);
@@ -277,16 +293,14 @@ impl std::fmt::Debug for AttrKey {
 /// One `Span.attributes` entry with a scalar value and a key written ahead.
 #[inline]
 fn put_span_attr(out: &mut Vec<u8>, k: &AttrKey, v: Scalar<'_>) {
-    let k = k.field();
-    let value_len = v.len();
-    let kv_len = k.len() + 1 + varint_len(value_len as u64) + value_len;
-    out.reserve(1 + varint_len(kv_len as u64) + kv_len);
-    out.push(key(SPAN_ATTRIBUTES, LEN));
-    put_varint(out, kv_len as u64);
-    out.extend_from_slice(k);
-    out.push(key(2, LEN));
-    put_varint(out, value_len as u64);
-    v.put(out);
+    let field = k.field();
+    put_scalar_entry(
+        out,
+        SPAN_ATTRIBUTES,
+        field.len(),
+        |out| out.extend_from_slice(field),
+        v,
+    );
 }
 
 /// A span's attributes, kept in wire format (`Span.attributes` entries) as they are
@@ -562,7 +576,7 @@ pub fn headroom(resource: &[u8], scope: &[u8]) -> usize {
 /// a span's encoding (perf, h2c: +0.7 µs a request in malloc and free).
 #[derive(Debug, Default)]
 pub struct BufferPool {
-    spare: std::sync::Mutex<Vec<Vec<u8>>>,
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 impl BufferPool {
@@ -573,27 +587,22 @@ impl BufferPool {
 
     /// An empty buffer: a kept one, or a new one with room for `capacity` bytes.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
-        self.lock()
+        lock(&self.spare)
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(capacity))
     }
 
-    fn give(&self, mut buf: Vec<u8>) {
+    /// Keeps `buf` for a later [`BufferPool::take`], unless enough are kept or it grew
+    /// too large.
+    pub fn give(&self, mut buf: Vec<u8>) {
         if buf.capacity() > Self::KEEP_CAPACITY {
             return;
         }
         buf.clear();
-        let mut spare = self.lock();
+        let mut spare = lock(&self.spare);
         if spare.len() < Self::KEEP {
             spare.push(buf);
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        // A Vec of buffers is consistent whatever panicked while it was held.
-        self.spare
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -914,14 +923,18 @@ mod tests {
         assert_eq!(&body[..5], &[0, 0, 0, 0, 7]);
         let part = body.slice(1..);
         drop(body);
-        assert_eq!(pool.lock().len(), 0, "in use while any part of the body is");
+        assert_eq!(
+            lock(&pool.spare).len(),
+            0,
+            "in use while any part of the body is"
+        );
         drop(part);
         let again = pool.take(16);
         assert_eq!(again.as_ptr(), ptr);
         assert!(again.is_empty() && again.capacity() >= 4096);
         // A buffer grown huge is let go.
         pool.give(Vec::with_capacity(BufferPool::KEEP_CAPACITY + 1));
-        assert_eq!(pool.lock().len(), 0);
+        assert_eq!(lock(&pool.spare).len(), 0);
     }
 
     #[test]
